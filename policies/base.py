@@ -19,7 +19,8 @@ class LayerView:
     ``q [Hq, Tq, d]`` holds the queries at ``q_positions [Tq]`` (ascending); ``k``/``v [Hkv, T, d]`` the keys
     and values of the whole sequence, after RoPE and any q/k norm. ``rows`` are the query positions a
     decode policy must select for (decode steps, or the labelled proxy rows at the end of the prompt);
-    ``prefill_len`` is where decoding starts (for the proxy, the first proxy row).
+    ``prefill_len`` is where decoding starts (for the proxy, the first proxy row). ``probs [Hq, R, T]``, when
+    the simulator provides it, is the true attention of the scored query rows ``rows`` (oracles read it).
     """
 
     q: Tensor
@@ -32,6 +33,7 @@ class LayerView:
     softcap: float | None = None
     sliding_window: int | None = None
     layer: int = 0
+    probs: Tensor | None = None
 
     @property
     def n_query_heads(self) -> int:
