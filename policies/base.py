@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -118,3 +118,24 @@ class PolicyInfo:
     cls: type
     source: str
     summary: str = field(default="")
+
+
+class PolicyBase:
+    """Convenience base for policies: ``__init__(**params)`` builds ``self.params`` from the ``Params`` dataclass.
+
+    Unknown parameter names raise one ``TypeError`` naming the policy and listing the known ones.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, **params):
+        known = [f.name for f in fields(self.Params)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise TypeError(f"policy {self.name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                            f"its parameters are: {', '.join(known) or '(none)'}")
+        self.params = self.Params(**params)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"

@@ -57,6 +57,11 @@ class Selection:
             total += self.mask(rows[start : start + ROW_CHUNK], n_keys).sum(dim=(1, 2)).cpu()
         return total
 
+    def density(self, rows: Tensor, n_keys: int) -> Tensor:
+        """Realised density per head (float64 [heads]): computed cells / causal cells over ``rows``."""
+        causal_cells = torch.clamp(rows + 1, max=n_keys).sum().item()
+        return self.cells(rows, n_keys).double() / max(causal_cells, 1)
+
 
 @dataclass
 class Dense(Selection):
@@ -95,6 +100,24 @@ class BlockMask(Selection):
         if dense.shape[-1] < n_keys:
             raise ValueError(f"block mask covers {dense.shape[-1]} keys, fewer than the {n_keys} asked for")
         return dense & causal(rows, n_keys)
+
+    def cells(self, rows: Tensor, n_keys: int) -> Tensor:
+        """Closed form of ``mask(rows, n_keys).sum``: per row, whole kept blocks left of the row plus the
+        kept block holding it, cut at the row (no dense mask is built)."""
+        n_kblocks = self.blocks.shape[-1]
+        if n_kblocks * self.block_k < n_keys:
+            raise ValueError(f"block mask covers {n_kblocks * self.block_k} keys, fewer than the {n_keys} asked for")
+        rows = rows.to(self.blocks.device)
+        seen = torch.clamp(rows + 1, max=n_keys)  # keys visible to each row: 0 .. seen-1
+        full, rest = seen // self.block_k, seen % self.block_k
+        qblock = rows // self.block_q
+        total = torch.zeros(self.heads, dtype=torch.int64)
+        for h in range(self.heads):
+            kept = torch.nn.functional.pad(self.blocks[h].to(torch.int32), (0, 1))  # [n_qblocks, n_kblocks + 1]
+            before = torch.nn.functional.pad(kept.cumsum(-1), (1, 0))  # kept blocks left of index
+            per_row = before[qblock, full].long() * self.block_k + kept[qblock, full].long() * rest
+            total[h] = per_row.sum().cpu()
+        return total
 
 
 @dataclass
@@ -141,6 +164,107 @@ class VerticalSlash(Selection):
             cols = cols[(cols >= 0) & (cols < n_keys)]
             out[h][:, cols] = True
         return out & causal(rows, n_keys)
+
+    def cells(self, rows: Tensor, n_keys: int) -> Tensor:
+        """Closed form of ``mask(rows, n_keys).sum`` without a dense mask.
+
+        For a row i in the query block starting at r0, the cells are the keys j <= i that a slash covers
+        (d = r0 - j in the coverage) or that are verticals. Keys left of r0 are the same for the whole block:
+        covered diagonals + verticals - verticals on covered diagonals (counted over the runs of the coverage
+        with a prefix count of verticals); keys r0..i are a running count inside the block.
+        """
+        if len(rows) and int(rows.max()) >= n_keys:
+            return super().cells(rows, n_keys)
+        if len(rows) == n_keys and bool((rows == torch.arange(n_keys, device=rows.device)).all()):
+            return self._prompt_cells(n_keys, rows.device)
+        device = rows.device
+        b = self.block
+        qblock, order = torch.sort(rows // b)
+        blocks, inverse = torch.unique_consecutive(qblock, return_inverse=True)
+        where = torch.empty_like(inverse)
+        where[order] = inverse  # index of each row's block in ``blocks``
+        r0 = blocks * b
+        total = torch.zeros(self.heads, dtype=torch.int64)
+        for h in range(self.heads):
+            cov = self.diagonal_coverage(h, n_keys, device)  # index x = d + b - 1, d in [-(b-1), n_keys)
+            cov_before = torch.nn.functional.pad(cov.long().cumsum(0), (1, 0))  # covered x < index
+            is_col = torch.zeros(n_keys + b, dtype=torch.bool, device=device)
+            cols = self.columns[h].to(device)
+            is_col[cols[(cols >= 0) & (cols < n_keys)]] = True
+            cols_before = torch.nn.functional.pad(is_col.long().cumsum(0), (1, 0))  # verticals at j < index
+            # keys j < r0: diagonals d in [1, r0]
+            n_cov = cov_before[r0 + b] - cov_before[b]
+            n_cols = cols_before[r0]
+            edges = torch.diff(torch.nn.functional.pad(cov.to(torch.int8), (1, 1)))
+            start = (edges == 1).nonzero().flatten() - (b - 1)  # runs [start, stop] of covered d
+            stop = (edges == -1).nonzero().flatten() - b
+            lo = torch.maximum(start, torch.ones_like(start))[None, :]
+            both = torch.zeros_like(r0)
+            step = max(1, ROW_CHUNK * 1024 // max(len(start), 1))
+            for c in range(0, len(r0), step):  # verticals j in [r0 - hi, r0 - lo] for each run
+                r = r0[c : c + step, None]
+                hi = torch.minimum(stop[None, :], r)
+                on_run = cols_before[(r - lo + 1).clamp(min=0)] - cols_before[(r - hi).clamp(min=0)]
+                both[c : c + step] = torch.where(hi >= lo, on_run, 0).sum(-1)
+            base = n_cov + n_cols - both
+            # keys r0 + t for t in [0, b): diagonal d = -t, index b - 1 - t
+            t = torch.arange(b, device=device)
+            inside = cov[b - 1 - t][None, :] | is_col[r0[:, None] + t[None, :]]
+            running = inside.long().cumsum(-1)
+            per_row = base[where] + running[where, rows - r0[where]]
+            total[h] = per_row.sum().cpu()
+        return total
+
+
+    def _prompt_cells(self, n: int, device=None) -> Tensor:
+        """``cells`` over every row 0..n-1, all heads at once (the same sums as ``cells``, per query block)."""
+        b, heads = self.block, self.heads
+        span = n + b - 1
+        nb = -(-n // b)
+        def flat(parts: list[Tensor], stride: int) -> Tensor:
+            """Every head's entries in [0, n) as indices into a flattened [heads, stride] array."""
+            parts = [x.to(device=device, dtype=torch.long) for x in parts]
+            parts = [x[(x >= 0) & (x < n)] for x in parts]
+            sizes = torch.tensor([len(x) for x in parts], device=device)
+            return torch.cat(parts) + torch.repeat_interleave(torch.arange(heads, device=device) * stride, sizes)
+
+        hits = torch.zeros(heads * (span + 1), dtype=torch.int32, device=device)
+        at = flat(self.offsets, span + 1)
+        hits.index_add_(0, at, torch.ones_like(at, dtype=torch.int32))
+        hits.index_add_(0, at + b, -torch.ones_like(at, dtype=torch.int32))
+        is_col = torch.zeros(heads * (n + b), dtype=torch.bool, device=device)
+        is_col[flat(self.columns, n + b)] = True
+        is_col = is_col.view(heads, n + b)
+        cov = hits.view(heads, span + 1).cumsum(1)[:, :span] > 0  # index x = d + b - 1
+        cov_before = torch.nn.functional.pad(cov.int().cumsum(1), (1, 0))
+        cols_before = torch.nn.functional.pad(is_col.int().cumsum(1), (1, 0))
+        r0 = torch.arange(nb, device=device) * b
+        n_cov = cov_before[:, r0 + b] - cov_before[:, b : b + 1]
+        n_cols = cols_before[:, r0]
+        edges = torch.diff(torch.nn.functional.pad(cov.to(torch.int8), (1, 1)), dim=1)
+        sh, sx = (edges == 1).nonzero(as_tuple=True)
+        eh, ex = (edges == -1).nonzero(as_tuple=True)
+        per_head = torch.bincount(sh, minlength=heads)
+        rank = torch.arange(len(sh), device=device) - (per_head.cumsum(0) - per_head)[sh]
+        width = max(int(per_head.max()) if len(sh) else 0, 1)
+        start = torch.full((heads, width), n + b, dtype=torch.long, device=device)  # padding runs are empty
+        stop = torch.full((heads, width), -1, dtype=torch.long, device=device)
+        start[sh, rank] = sx - (b - 1)
+        stop[eh, rank] = ex - b
+        lo = start.clamp(min=1)[:, None, :]
+        hi = torch.minimum(stop[:, None, :], r0[None, :, None])  # [H, nb, runs]
+        r = r0[None, :, None]
+        gather = cols_before[:, None, :].expand(-1, nb, -1)
+        on_run = (torch.gather(gather, 2, (r - lo + 1).clamp(min=0).expand(-1, -1, width))
+                  - torch.gather(gather, 2, (r - hi).clamp(min=0)))
+        base = n_cov + n_cols - torch.where(hi >= lo, on_run, 0).sum(-1)  # [H, nb]
+        t = torch.arange(b, device=device)
+        inside = cov[:, :b].flip(1)[:, None, :] | is_col[:, : nb * b].view(heads, nb, b)  # key r0 + t, d = -t
+        running = inside.int().cumsum(-1)
+        rows_in = torch.clamp(n - r0, max=b)
+        in_block = t[None, :] < rows_in[:, None]
+        total = (base * rows_in).sum(-1) + (running * in_block).sum((1, 2))
+        return total.long().cpu()
 
 
 @dataclass
