@@ -1,0 +1,153 @@
+"""Sparse decode attention in Triton: split-K over selected pages with a log-sum-exp merge.
+
+One program handles one (split, mask head, decode step): the query heads that share the mask head's pages
+(a whole GQA group when pages are shared) are packed into the rows of one tile, so each selected page is
+read once for the group. The splits' partial outputs are merged by a second small kernel. A "dense"
+layout reads tiles ``0 .. count-1`` of a compacted cache (eviction: SnapKV-style kept keys) without an index.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .layout import DecodeLayout
+from .prefill import INTERPRET, _accumulate, _scores
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, OP, LP, CNT, PAGES, COUNT, LO, HI,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pb, stride_ph, n_mask_heads, heads_per_mask, kv_div, tiles_per_split, n_splits, sm_scale, softcap,
+    PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, QP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DENSE: tl.constexpr, SOFTCAP: tl.constexpr, COUNTING: tl.constexpr, UPCAST: tl.constexpr,
+):
+    split = tl.program_id(0)
+    mh = tl.program_id(1)
+    b = tl.program_id(2)
+    BLOCK_N: tl.constexpr = PAGE * PAGES_PER_TILE
+    offs_g = tl.arange(0, QP)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < heads_per_mask
+    qh = mh * heads_per_mask + offs_g
+    kvh = (mh * heads_per_mask) // kv_div
+    q = tl.load(Q + b * stride_qb + qh[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+
+    bh = b * n_mask_heads + mh
+    n_pages = tl.load(COUNT + bh)
+    lo = tl.load(LO + bh)
+    hi = tl.load(HI + bh)
+    first = 0
+    if DENSE:
+        first = lo // BLOCK_N
+    p0 = first + split * tiles_per_split * PAGES_PER_TILE
+    p1 = tl.minimum(p0 + tiles_per_split * PAGES_PER_TILE, n_pages)
+    k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :]
+
+    m_i = tl.full([QP], float("-inf"), tl.float32)
+    l_i = tl.zeros([QP], tl.float32)
+    acc = tl.zeros([QP, HEAD_DIM], tl.float32)
+    cnt = tl.zeros([QP], tl.int32)
+    for t in range(p0, p1, PAGES_PER_TILE):
+        slot = t + offs_n // PAGE
+        slot_ok = slot < p1
+        if DENSE:
+            page = slot
+        else:
+            page = tl.load(PAGES + b * stride_pb + mh * stride_ph + slot, mask=slot_ok, other=0)
+        key = page * PAGE + offs_n % PAGE
+        key_ok = slot_ok & (key >= lo) & (key < hi)
+        k = tl.load(k_base + key[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+        s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + key[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
+        acc = _accumulate(acc * alpha[:, None], p, v, UPCAST)
+        m_i = m_new
+        if COUNTING:
+            cnt += tl.sum(key_ok.to(tl.int32), 0)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    part = (b * n_mask_heads * heads_per_mask + qh) * n_splits + split
+    tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None])
+    tl.store(LP + part, lse, mask=g_ok)
+    if COUNTING:
+        tl.store(CNT + part, cnt, mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(OP, LP, O, LSE, n_splits, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Merge the splits' partial outputs of one (step, query head) by their log-sum-exp."""
+    i = tl.program_id(0)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < n_splits
+    lse = tl.load(LP + i * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    o = tl.load(OP + (i * n_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(o * w[:, None], 0) / total_safe
+    tl.store(O + i * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+    tl.store(LSE + i, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total_safe)))
+
+
+def _pick_splits(n_programs: int, n_tiles: int, n_sms: int, occupancy: int) -> int:
+    """Splits per (step, mask head): enough programs to fill the GPU ``occupancy`` times over."""
+    want = -(-occupancy * n_sms // max(n_programs, 1))
+    return max(1, min(want, n_tiles))
+
+
+def sparse_decode(q: Tensor, k: Tensor, v: Tensor, layout: DecodeLayout, scale: float,
+                  softcap: float | None = None, count: bool = False, splits: int | None = None,
+                  pages_per_tile: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                  occupancy: int = 4) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Decode attention of q [B, Hq, d] over k/v [B, Hk, T, d] (a batch stride of 0 shares one cache).
+
+    Returns (output [B, Hq, d] in q's dtype, log-sum-exp [B, Hq] float32, keys read per query head [B, Hq]).
+    """
+    batch, n_heads, head_dim = q.shape
+    n_mask = layout.heads
+    if n_heads % n_mask or n_heads % k.shape[1]:
+        raise ValueError(f"{n_heads} query heads do not split over {k.shape[1]} KV heads / {n_mask} mask heads")
+    heads_per_mask = n_heads // n_mask
+    kv_div = n_heads // k.shape[1]
+    page = layout.page_size
+    ppt = pages_per_tile or max(1, 64 // page)
+    n_tiles = -(-(layout.pages.shape[-1] if layout.pages is not None else int(layout.count.max())) // ppt)
+    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    n_splits = splits or _pick_splits(batch * n_mask, max(n_tiles, 1), n_sms, occupancy)
+    tiles_per_split = max(1, -(-n_tiles // n_splits))
+    n_splits = max(1, -(-n_tiles // tiles_per_split))
+    device = q.device
+    o_part = torch.empty(batch, n_heads, n_splits, head_dim, dtype=torch.float32, device=device)
+    l_part = torch.empty(batch, n_heads, n_splits, dtype=torch.float32, device=device)
+    cnt = torch.zeros(batch, n_heads, n_splits, dtype=torch.int32, device=device) if count else l_part
+    pages = layout.pages if layout.pages is not None else layout.count
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    _decode_split_kernel[(n_splits, n_mask, batch)](
+        q, k, v, o_part, l_part, cnt, pages, layout.count, layout.lo, layout.hi,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        pages.stride(0) if layout.pages is not None else 0, pages.stride(1) if layout.pages is not None else 0,
+        n_mask, heads_per_mask, kv_div, tiles_per_split, n_splits, float(scale), float(softcap or 1.0),
+        PAGE=page, PAGES_PER_TILE=ppt, QP=max(16, triton.next_power_of_2(heads_per_mask)), HEAD_DIM=head_dim,
+        DENSE=layout.dense, SOFTCAP=bool(softcap), COUNTING=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(batch, n_heads, head_dim, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, n_heads, dtype=torch.float32, device=device)
+    _merge_kernel[(batch * n_heads,)](o_part, l_part, out, lse, n_splits, SPLITS=triton.next_power_of_2(n_splits),
+                                      HEAD_DIM=head_dim, num_warps=4)
+    return out, lse, (cnt.sum(-1) if count else None)

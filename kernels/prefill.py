@@ -1,0 +1,253 @@
+"""Sparse prefill attention in Triton: block-sparse and vertical-slash layouts, one kernel.
+
+One program computes one (query head, query block): it walks the layout's full key tiles (no mask), then
+its partial tiles (causal, sequence end, sliding window), then its gathered columns, with an online
+softmax in float32 (bf16/fp16 inputs). K/V are read at ``query head // group``: GQA without repeating
+them. Programs are launched heaviest query block first, so the long causal rows do not trail at the end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .layout import PrefillLayout
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _scores(q, k, sm_scale, softcap, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+    """Logits in log2 units of a query tile against a key tile (keys as rows)."""
+    if UPCAST:  # the CPU interpreter multiplies bf16 wrongly; emulate in float32
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        x = s * (sm_scale / softcap)
+        s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
+    else:
+        s = s * (sm_scale * 1.4426950408889634)
+    return s
+
+
+@triton.jit
+def _accumulate(acc, p, v, UPCAST: tl.constexpr):
+    """acc += p @ v with p rounded to v's dtype."""
+    if UPCAST:
+        return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
+def _masked_step(q, k, v_ptrs, v_desc, v_row, key, key_ok, pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window,
+                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """One online-softmax step over a key tile that needs masking (keys may be invalid or not visible)."""
+    s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
+    ok = key_ok[None, :] & (key[None, :] <= pos_m[:, None])
+    if WINDOW:
+        ok = ok & (key[None, :] > pos_m[:, None] - window)
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if TMA:  # a tile past the end reads rows beyond the keys (any bits, even NaN) or zeros: clear them
+        v = tl.where(key_ok[:, None], v_desc.load([v_row, 0]), 0.0)
+    else:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    acc = _accumulate(acc * alpha[:, None], p, v, UPCAST)
+    cnt += tl.sum(ok.to(tl.int32), 1)
+    return m_new, l_i, acc, cnt
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+    Q, K, V, K_DESC, V_DESC, O, LSE, CNT, SCHED,
+    FULL_N, FULL_I, PART_N, PART_I, PART_E, COL_N, COL_I,
+    stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_om,
+    n_rows, n_keys, qblock0, n_local_qblocks, n_layout_qblocks, max_full, max_part, max_col,
+    heads_per_mask, group, kv_rows, sm_scale, softcap, window,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SUB: tl.constexpr,
+    INDEX_SCALE: tl.constexpr, HAS_END: tl.constexpr, HAS_COLS: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, COUNT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+):
+    item = tl.load(SCHED + tl.program_id(0))
+    h = item // n_local_qblocks
+    mb = item % n_local_qblocks
+    qb = qblock0 + mb
+    row = (h // heads_per_mask) * n_layout_qblocks + qb
+    kvh = h // group
+
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_m = qblock0 * BLOCK_M + offs_m
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < n_rows
+    q = tl.load(Q + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + kvh * stride_kh + offs_d[None, :]
+    v_base = V + kvh * stride_vh + offs_d[None, :]
+    desc_row = kvh * kv_rows  # first row of this KV head in the [heads * kv_rows, d] descriptors
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    cnt = tl.zeros([BLOCK_M], tl.int32)
+
+    # full tiles: every key visible to every row of the block
+    n_full = tl.load(FULL_N + row)
+    for j in range(0, n_full * SUB):
+        start = tl.load(FULL_I + row * max_full + j // SUB) * INDEX_SCALE + (j % SUB) * BLOCK_N
+        key = start + offs_n
+        if TMA:
+            k = K_DESC.load([desc_row + start, 0])
+        else:
+            k = tl.load(k_base + key[:, None] * stride_kn)
+        s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TMA:
+            v = V_DESC.load([desc_row + start, 0])
+        else:
+            v = tl.load(v_base + key[:, None] * stride_vn)
+        acc = _accumulate(acc * alpha[:, None], p, v, UPCAST)
+        m_i = m_new
+        if COUNT:
+            cnt += BLOCK_N
+
+    # partial tiles: causal diagonal, sequence end, sliding window
+    n_part = tl.load(PART_N + row)
+    for j in range(0, n_part * SUB):
+        slot = row * max_part + j // SUB
+        start = tl.load(PART_I + slot) * INDEX_SCALE + (j % SUB) * BLOCK_N
+        if HAS_END:
+            end = tl.minimum(tl.load(PART_E + slot), n_keys)
+        else:
+            end = tl.minimum(start + BLOCK_N, n_keys)
+        key = start + offs_n
+        key_ok = key < end
+        if TMA:
+            k = K_DESC.load([desc_row + start, 0])
+        else:
+            k = tl.load(k_base + key[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+        m_i, l_i, acc, cnt = _masked_step(q, k, v_base + key[:, None] * stride_vn, V_DESC, desc_row + start, key,
+                                          key_ok, pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window,
+                                          SOFTCAP, WINDOW, UPCAST, TMA)
+
+    # gathered columns (vertical-slash verticals not covered by a slash range)
+    if HAS_COLS:
+        n_col = tl.load(COL_N + row)
+        for j in range(0, n_col, BLOCK_N):
+            col_ok = j + offs_n < n_col
+            key = tl.load(COL_I + row * max_col + j + offs_n, mask=col_ok, other=0)
+            k = tl.load(k_base + key[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
+            m_i, l_i, acc, cnt = _masked_step(q, k, v_base + key[:, None] * stride_vn, V_DESC, 0, key, col_ok,
+                                              pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window, SOFTCAP, WINDOW,
+                                              UPCAST, False)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + h * n_rows + offs_m, lse, mask=row_ok)
+    if COUNT:
+        tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)
+
+
+def _config(block_q: int, tile: int, head_dim: int) -> dict:
+    """Tile width along keys and launch settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None:
+    K/V tiles through TMA descriptors on Hopper and newer GPUs, plain loads elsewhere."""
+    if block_q >= 128:
+        return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None}
+    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 3, "TMA": None}
+
+
+def _has_tma(device: torch.device) -> bool:
+    """TMA descriptors exist on compute capability 9.0 and newer (not in the CPU interpreter by default)."""
+    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _rows_descriptor(x: Tensor, rows_per_head: int, block_n: int):
+    """A TMA descriptor over k or v [H, T, d] seen as rows [H * rows_per_head, d] (tiles of block_n rows)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = (x.shape[0] - 1) * rows_per_head + x.shape[1]
+    return TensorDescriptor(x, shape=[rows, x.shape[2]], strides=[x.stride(1), 1], block_shape=[block_n, x.shape[2]])
+
+
+def schedule(layout: PrefillLayout, n_heads: int, qblock0: int, n_qblocks: int) -> Tensor:
+    """Program order: (query head, local query block) items, heaviest first (stable, head-major on ties)."""
+    heads_per_mask = n_heads // layout.heads
+    weight = layout.weight()[:, qblock0:qblock0 + n_qblocks].repeat_interleave(heads_per_mask, dim=0)
+    return torch.argsort(weight.flatten(), descending=True, stable=True).to(torch.int32)
+
+
+def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale: float, q_start: int = 0,
+                   softcap: float | None = None, sliding_window: int | None = None, count: bool = False,
+                   config: dict | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run a prefill layout: q [Hq, R, d] holds queries at positions ``q_start .. q_start+R-1``.
+
+    ``q_start`` must be a multiple of the layout's query block. k/v [Hkv, T, d]. Returns (output [Hq, R, d]
+    in q's dtype, log-sum-exp [Hq, R] float32, computed cells per row [Hq, R] int32 when ``count``).
+    """
+    n_heads, n_rows, head_dim = q.shape
+    n_kv, n_keys = k.shape[0], k.shape[1]
+    if q_start % layout.block_q:
+        raise ValueError(f"query start {q_start} is not a multiple of the query block {layout.block_q}")
+    if n_keys != layout.n_keys:
+        raise ValueError(f"layout built for {layout.n_keys} keys, got {n_keys}")
+    if n_heads % n_kv or n_heads % layout.heads:
+        raise ValueError(f"{n_heads} query heads do not split over {n_kv} KV heads / {layout.heads} mask heads")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {head_dim} is not supported (16, 32, 64, 128 or 256)")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cfg = {**_config(layout.block_q, layout.tile, head_dim), **(config or {})}
+    block_n = cfg.pop("BLOCK_N")
+    sub = layout.tile // block_n if layout.index_scale > 1 else 1
+    if layout.index_scale == 1:
+        block_n = layout.tile
+    tma = cfg.pop("TMA")
+    tma = _has_tma(q.device) if tma is None else tma
+    k_desc = v_desc = None
+    kv_rows = 0
+    if tma:  # descriptors see k/v as rows [heads * kv_rows, d]: same row strides, whole rows
+        if k.stride(1) != head_dim or v.stride(1) != head_dim or k.stride(0) != v.stride(0) \
+                or k.stride(0) % head_dim:
+            k, v = k.contiguous(), v.contiguous()
+        kv_rows = k.stride(0) // head_dim
+        k_desc, v_desc = (_rows_descriptor(x, kv_rows, block_n) for x in (k, v))
+    qblock0 = q_start // layout.block_q
+    n_local = -(-n_rows // layout.block_q)
+    device = q.device
+    out = torch.empty_like(q)
+    lse = torch.empty(n_heads, n_rows, dtype=torch.float32, device=device)
+    cnt = torch.zeros(n_heads, n_rows, dtype=torch.int32, device=device) if count else lse
+    key = (n_heads, qblock0, n_local, str(device))
+    if key not in layout.schedules:
+        layout.schedules[key] = schedule(layout, n_heads, qblock0, n_local).to(device)
+    order = layout.schedules[key]
+    has_cols = layout.col_count is not None
+    part_end = layout.part_end if layout.part_end is not None else layout.part_index
+    col_count = layout.col_count if has_cols else layout.full_count
+    col_index = layout.col_index if has_cols else layout.full_index
+    _sparse_prefill_kernel[(len(order),)](
+        q, k, v, k_desc, v_desc, out, lse, cnt, order,
+        layout.full_count, layout.full_index, layout.part_count, layout.part_index, part_end, col_count, col_index,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        n_rows, n_keys, qblock0, n_local, layout.n_qblocks, layout.full_index.shape[-1],
+        layout.part_index.shape[-1], col_index.shape[-1],
+        n_heads // layout.heads, n_heads // n_kv, kv_rows, float(scale), float(softcap or 1.0),
+        int(sliding_window or 0),
+        BLOCK_M=layout.block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, SUB=sub, INDEX_SCALE=layout.index_scale,
+        HAS_END=layout.part_end is not None, HAS_COLS=has_cols, SOFTCAP=bool(softcap), WINDOW=bool(sliding_window),
+        COUNT=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA=tma, **cfg,
+    )
+    return out, lse, (cnt if count else None)

@@ -1,0 +1,258 @@
+"""Kernels against the torch reference over each Selection's dense mask (Triton interpreter on CPU)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before the kernels are compiled
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sparse_frontier.kernels import run_selection  # noqa: E402
+from sparse_frontier.kernels.flex import flex_block_mask, flex_prefill  # noqa: E402
+from sparse_frontier.kernels.layout import (  # noqa: E402
+    block_sparse_layout,
+    coarsen,
+    layout_cells,
+    vertical_slash_layout,
+)
+from sparse_frontier.kernels.prefill import sparse_prefill  # noqa: E402
+from sparse_frontier.kernels.reference import masked_attention, visible  # noqa: E402
+from sparse_frontier.policies.selection import (  # noqa: E402
+    BlockMask,
+    Dense,
+    KeptKeys,
+    PageSet,
+    TokenSet,
+    VerticalSlash,
+    expand_heads,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def inputs(n_q, n_kv, n_keys, head_dim=16, dtype=torch.float16, seed=0, device=DEVICE):
+    """Random q [Hq, T, d], k, v [Hkv, T, d] (values of order one, logits of order a few)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(h, n_keys, head_dim, generator=gen) for h in (n_q, n_kv, n_kv))
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def check(sel, q, k, v, rows, scale=0.3, softcap=None, window=None):
+    """The kernel's output, lse and counted cells equal the reference over ``sel.mask``; returns the run."""
+    rows = rows.to(q.device)
+    run = run_selection(sel, q[:, rows], k, v, rows, scale, softcap=softcap, sliding_window=window,
+                        backend="triton", count=True)
+    mask = sel.mask(rows, k.shape[1])
+    want, want_lse = masked_attention(q[:, rows], k, v, rows, scale, mask, softcap, window)
+    err = (run.out.float() - want).abs().max().item()
+    assert err <= TOL[q.dtype] * v.abs().max().item(), err
+    empty = ~torch.isfinite(want_lse)
+    assert torch.equal(~torch.isfinite(run.lse), empty)
+    assert torch.allclose(run.lse[~empty], want_lse[~empty], atol=1e-2)
+    assert (run.out[empty] == 0).all()
+    cells = (expand_heads(mask, q.shape[0]) & visible(rows, k.shape[1], window)[None]).sum(-1)
+    assert torch.equal(run.cells.long(), cells)
+    return run
+
+
+# ---------------------------------------------------------------- layouts (torch only, no kernel)
+
+def test_block_layout_splits_full_and_partial_blocks_by_hand():
+    blocks = torch.ones(1, 3, 3, dtype=torch.bool)
+    blocks[0, 2, 1] = False
+    layout = block_sparse_layout(BlockMask(blocks, 64, 64), n_keys=150)
+    # query block 0: its diagonal (partial); block 1: key block 0 full, diagonal partial; block 2 (rows
+    # 128..149): key block 0 full, key block 1 dropped by the selection, key block 2 partial (diagonal)
+    assert layout.full_count[0].tolist() == [0, 1, 1]
+    assert layout.part_count[0].tolist() == [1, 1, 1]
+    assert layout.part_index[0, :, 0].tolist() == [0, 1, 2]
+    assert layout_cells(layout, torch.arange(150)).item() == BlockMask(blocks, 64, 64).cells(
+        torch.arange(150), 150).item()
+
+
+def test_block_layout_drops_blocks_above_the_diagonal_and_outside_the_window():
+    blocks = torch.ones(1, 4, 4, dtype=torch.bool)
+    layout = block_sparse_layout(BlockMask(blocks, 64, 64), n_keys=256, sliding_window=64)
+    # with a 64-key window, query block 3 (rows 192..255) sees key blocks 2 (partly) and 3 only
+    assert layout.full_count[0].tolist() == [0, 0, 0, 0]
+    assert layout.part_count[0].tolist() == [1, 2, 2, 2]
+
+
+def test_block_layout_refuses_blocks_the_kernel_does_not_run():
+    sel = BlockMask(torch.ones(2, 8, 8, dtype=torch.bool), 16, 16)
+    with pytest.raises(ValueError, match="block_q is 16"):
+        block_sparse_layout(sel, 128)
+    coarse = coarsen(sel, 64)
+    assert coarse.blocks.shape == (2, 2, 2) and coarse.block_q == 64
+    assert (coarse.mask(torch.arange(128), 128) >= sel.mask(torch.arange(128), 128)).all()
+
+
+def test_vertical_slash_layout_covers_exactly_the_mask_by_hand():
+    sel = VerticalSlash(columns=[torch.tensor([0, 5, 70, 200])], offsets=[torch.tensor([0, 1, 100])], block=64)
+    n = 190
+    layout = vertical_slash_layout(sel, n)
+    # query block 2 (r0=128): slash 100 covers keys 28..91, one whole tile below the diagonal; slashes 0
+    # and 1 merge into keys 127..191, clipped to the 190 keys: one partial tile 127..189. Column 70 is
+    # inside 28..91, column 5 is not, column 200 is past the end
+    assert layout.full_index[0, 2, : layout.full_count[0, 2]].tolist() == [28]
+    assert layout.part_index[0, 2, : layout.part_count[0, 2]].tolist() == [127]
+    assert layout.part_end[0, 2, 0].item() == 190
+    assert layout.col_index[0, 2, : layout.col_count[0, 2]].tolist() == [0, 5]
+    rows = torch.arange(n)
+    assert layout_cells(layout, rows).item() == sel.cells(rows, n).item()
+
+
+# ---------------------------------------------------------------- block-sparse prefill
+
+@pytest.mark.parametrize("n_q,n_kv,mask_heads", [(2, 2, 2), (3, 1, 1), (4, 1, 4)])
+def test_block_sparse_gqa_groups_and_odd_length(n_q, n_kv, mask_heads):
+    n = 197
+    q, k, v = inputs(n_q, n_kv, n, seed=n_q)
+    blocks = torch.rand(mask_heads, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.5
+    blocks[0, 1] = False  # an empty query block: its rows output zeros
+    run = check(BlockMask(blocks.to(DEVICE), 64, 64), q, k, v, torch.arange(n))
+    assert (run.out[0, 64:128] == 0).all()
+
+
+def test_block_sparse_single_block_and_all_blocks_at_128():
+    n = 256
+    q, k, v = inputs(4, 1, n, dtype=torch.bfloat16)
+    single = torch.zeros(1, 2, 2, dtype=torch.bool)
+    single[0, 1, 0] = True
+    check(BlockMask(single.to(DEVICE), 128, 128), q, k, v, torch.arange(n))
+    run = check(Dense(heads=4), q, k, v, torch.arange(n))
+    assert run.cells.sum().item() == 4 * n * (n + 1) // 2
+
+
+def test_block_sparse_rows_window_and_softcap():
+    n = 180
+    q, k, v = inputs(3, 1, n)
+    blocks = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.7
+    rows = torch.tensor([5, 70, 71, 130, 179])  # unaligned, non-contiguous query rows
+    check(BlockMask(blocks.to(DEVICE), 64, 64), q, k, v, rows, softcap=4.0, window=50)
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_tma_path_over_a_key_slice_of_a_longer_cache(block_n):
+    # Hopper path: K/V tiles read through TMA descriptors; tiles running past the slice read masked rows
+    n = 190
+    q, k, v = inputs(4, 2, 256, seed=14)
+    k[:, n:], v[:, n:] = float("nan"), float("nan")  # cache rows past the keys: never read into the output
+    q, k, v = q[:, :n], k[:, :n], v[:, :n]
+    rows = torch.arange(n)
+    gen = torch.Generator().manual_seed(15)
+    block = BlockMask((torch.rand(2, 2, 2, generator=gen) < 0.7).to(DEVICE), 128, 128)
+    slash = VerticalSlash(columns=[torch.tensor([0, 9, 100])] * 2, offsets=[torch.tensor([0, 3, 90])] * 2)
+    for sel, layout in ((block, block_sparse_layout(block, n)), (slash, vertical_slash_layout(_to(slash), n))):
+        out, _, cells = sparse_prefill(q, k, v, layout, 0.3, count=True, config={"TMA": True, "BLOCK_N": block_n})
+        mask = sel.mask(rows.to(DEVICE), n)
+        want = masked_attention(q, k, v, rows.to(DEVICE), 0.3, mask)[0]
+        assert (out.float() - want).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
+        assert torch.equal(cells.long(), expand_heads(mask, 4).sum(-1))
+
+
+def _to(sel: VerticalSlash) -> VerticalSlash:
+    return VerticalSlash([c.to(DEVICE) for c in sel.columns], [o.to(DEVICE) for o in sel.offsets], sel.block)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_adapter_matches_the_reference():
+    n = 200
+    q, k, v = inputs(4, 2, n, dtype=torch.float32, device="cpu")
+    sel = BlockMask(torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(4)) < 0.5, 64, 64)
+    out = flex_prefill(q, k, v, flex_block_mask(sel, n, 4), 0.3)
+    rows = torch.arange(n)
+    want = masked_attention(q, k, v, rows, 0.3, sel.mask(rows, n))[0]
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- vertical-slash prefill
+
+def test_vertical_slash_merges_ranges_and_gathers_uncovered_columns():
+    n = 201
+    q, k, v = inputs(3, 1, n, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    sel = VerticalSlash(columns=[torch.tensor([0, 1, 2, 3, 90, 91, 150]), torch.randint(0, n, (9,), generator=gen),
+                                 torch.tensor([], dtype=torch.long)],
+                        offsets=[torch.tensor([0, 1, 2, 70, 71, 130]), torch.randint(0, n, (7,), generator=gen),
+                                 torch.tensor([], dtype=torch.long)],  # third head: nothing kept (empty rows)
+                        block=64)
+    run = check(sel, q, k, v, torch.arange(n))
+    assert (run.out[2] == 0).all()
+
+
+def test_vertical_slash_gqa_group_four_window_and_rows():
+    n = 160
+    q, k, v = inputs(4, 1, n, seed=6)
+    sel = VerticalSlash(columns=[torch.tensor([3, 40, 100])], offsets=[torch.tensor([0, 5, 64, 65, 66, 120])],
+                        block=64)
+    check(sel, q, k, v, torch.arange(20, n), window=40)
+
+
+# ---------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("n_q,n_kv,shared", [(1, 1, True), (3, 1, True), (4, 2, False)])
+def test_sparse_decode_pages(n_q, n_kv, shared):
+    n = 301
+    q, k, v = inputs(n_q, n_kv, n, seed=7)
+    rows = torch.tensor([200, 288, 300])
+    heads = n_kv if shared else n_q
+    pages = torch.randint(-1, 19, (heads, 3, 5), generator=torch.Generator().manual_seed(8))
+    pages[0, 0] = -1  # nothing selected: zeros
+    pages[0, 1] = torch.tensor([3, 3, 3, -1, -1])  # one page, repeated
+    run = check(PageSet(rows, pages, page_size=16), q, k, v, rows)
+    assert (run.out[: n_q // n_kv if shared else 1, 0] == 0).all()
+
+
+def test_sparse_decode_all_pages_window_and_tokens():
+    n = 130
+    q, k, v = inputs(4, 1, n, dtype=torch.bfloat16, seed=9)
+    rows = torch.tensor([100, 129])
+    all_pages = torch.arange(5)[None, None].expand(1, 2, 5)
+    check(PageSet(rows, all_pages, page_size=32), q, k, v, rows, window=70)
+    tokens = torch.randint(0, n, (1, 2, 40), generator=torch.Generator().manual_seed(10))
+    check(TokenSet(rows, tokens), q, k, v, rows)
+
+
+def test_eviction_runs_dense_decode_over_the_compacted_cache():
+    n, prefill = 200, 150
+    q, k, v = inputs(3, 1, n, seed=11)
+    kept = torch.rand(1, prefill, generator=torch.Generator().manual_seed(12)) < 0.3
+    rows = torch.tensor([149, 160, 199])
+    run = check(KeptKeys(kept), q, k, v, rows)
+    assert run.cells[0, 0].item() == int(kept.sum())
+
+
+def test_torch_backend_is_the_reference():
+    n = 64
+    q, k, v = inputs(2, 1, n, dtype=torch.float32, device="cpu")
+    rows = torch.arange(n)
+    sel = BlockMask(torch.ones(1, 1, 1, dtype=torch.bool), 64, 64)
+    run = run_selection(sel, q, k, v, rows, 0.3, backend="torch", count=True)
+    assert run.backend == "torch"
+    assert torch.equal(run.out, masked_attention(q, k, v, rows, 0.3)[0])
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        run_selection(sel, q, k, v, rows, 0.3, backend="triton")
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_at_realistic_shapes():
+    n = 2048
+    q, k, v = inputs(32, 8, n, head_dim=128, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(13)
+    check(BlockMask((torch.rand(32, 16, 16, generator=gen) < 0.3).to(DEVICE), 128, 128), q, k, v, torch.arange(n))
+    sel = VerticalSlash(columns=[torch.randint(0, n, (100,), generator=gen) for _ in range(32)],
+                        offsets=[torch.cat([torch.arange(64), torch.randint(0, n, (50,), generator=gen)])
+                                 for _ in range(32)])
+    check(sel, q, k, v, torch.arange(n))
+    layout = vertical_slash_layout(_to(sel), n)
+    want = run_selection(sel, q, k, v, torch.arange(n, device=DEVICE), 0.3, backend="triton").out.float()
+    out = sparse_prefill(q, k, v, layout, 0.3, config={"TMA": True})[0].float()
+    assert (out - want).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
+    rows = torch.tensor([n - 1])
+    check(PageSet(rows, torch.randint(0, n // 16, (8, 1, 16), generator=gen), 16), q, k, v, rows)
