@@ -63,11 +63,11 @@ def unit_mass(values: Tensor, size: int) -> Tensor:
     """Sum of ``values [H, R, T]`` over consecutive units of ``size`` keys: [H, R, ceil(T / size)]."""
     if size == 1:
         return values
-    n_keys = values.shape[-1]
-    pad = -n_keys % size
-    if pad:
-        values = torch.nn.functional.pad(values, (0, pad))
-    return values.view(*values.shape[:-1], -1, size).sum(-1)
+    full = values.unfold(-1, size, size).sum(-1)  # whole units, without copying the values
+    if values.shape[-1] % size:
+        tail = values[..., full.shape[-1] * size :].sum(-1, keepdim=True)
+        full = torch.cat([full, tail], dim=-1)
+    return full
 
 
 def causal_unit_cells(rows: Tensor, size: int, n_keys: int) -> Tensor:
@@ -93,6 +93,13 @@ def sorted_cumsum(x: Tensor, rows: Tensor, chunk: int = 128) -> Tensor:
         torch.cumsum(ranked, dim=-1, out=out[:, start:stop, :hi])
         out[:, start:stop, hi:] = out[:, start:stop, hi - 1 : hi]
     return out
+
+
+def argsort_desc(x: Tensor) -> Tensor:
+    """Indices sorting ``x`` descending along the last axis (numpy's vectorised sort on CPU; ties in any order)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.argsort(-x.numpy(), axis=-1))
+    return torch.argsort(x, dim=-1, descending=True)
 
 
 class Ranking:
@@ -133,7 +140,7 @@ class Ranking:
             return
         units = torch.arange(self.n_units, device=probs.device)
         score = score.masked_fill(units[None, None, :] >= self.causal_units[None, :, None], float("-inf"))
-        self.order = torch.argsort(score, dim=-1, descending=True)  # [Hr, Q, U]
+        self.order = argsort_desc(score)  # [Hr, Q, U]
         row_order = self._heads(self.order[:, self.row_q])  # [H, R, U]
         self.own_csum = mass.gather(-1, row_order).cumsum(-1)
         self.score_csum = score.clamp(min=0).gather(-1, self.order).cumsum(-1)  # [Hr, Q, U]
@@ -163,9 +170,9 @@ class Ranking:
         """``n`` [Hr, R] clamped to the causal units of each row's query (block)."""
         return torch.minimum(n.long(), self.causal_units[self.row_q][None, :]).clamp(min=0)
 
-    def per_query_block(self, n: Tensor) -> Tensor:
-        """Budget per ranking head and query (block) [Hr, Q] -> per row [Hr, R]."""
-        return n[:, self.row_q]
+    def budget_rows(self, n: Tensor, index: Tensor) -> Tensor:
+        """``n`` [Hr, R] clamped to the causal units, for the rows ``rows[index]``: [Hr, len(index)]."""
+        return self.causal_budget(n)[:, index]
 
     def fraction_budget(self, fraction: Tensor) -> Tensor:
         """Units per row [Hr, R] keeping ``fraction`` [Hr] of each query (block)'s causal units (at least 1)."""
@@ -201,7 +208,7 @@ class Ranking:
             return self.order[:, self.row_q[index]]
         if self._index is None or not torch.equal(self._index, index):  # per-head tokens: rank once
             self._index = index
-            self._index_order = torch.argsort(self.probs[:, index], dim=-1, descending=True)
+            self._index_order = argsort_desc(self.probs[:, index])
         return self._index_order
 
     def unit_mask(self, index: Tensor, n: Tensor) -> Tensor:

@@ -1,0 +1,539 @@
+"""Scoring Selections against the true attention of one layer's scored rows.
+
+For each KV-head group the true probabilities of the scored rows are computed once; every entry
+(policy x budget rule x sparsity) is scored on them in the same pass, without dense [heads, rows, keys]
+masks where cheaper sums do:
+
+* recall (the true mass a selection keeps) of a BlockMask / PageSet adds per-block / per-page sums;
+  VerticalSlash selections, whose keys are the same for every row of a query block, are scored together:
+  per query block one matrix product of the block's rows with every selection's key mask; KeptKeys is a
+  matrix-vector product; TokenSet a scatter;
+* oracles sort once per (group, granularity) and answer every budget (:class:`policies.oracle.Ranking`);
+  the same-budget oracle of a policy keeps, per row (token, page) or query block (block), as many units
+  as the policy's selection computes there;
+* output error is exact on a subset of the scored rows (the error rows): with ``o_sparse = sum_sel p v /
+  sum_sel p`` (the restricted softmax renormalised) against ``o_dense = sum p v``. Block and page
+  selections add per-unit sums of p v; an oracle's outputs at every budget come from one cumulative sum
+  along its ranking; other selections use their dense mask on the error rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from sparse_frontier.policies.base import LayerView
+from sparse_frontier.policies.oracle import Granularity, OracleTopK, Ranking, fraction_per_query_head, unit_mass
+from sparse_frontier.policies.selection import (
+    BlockMask,
+    Dense,
+    KeptKeys,
+    PageSet,
+    Selection,
+    TokenSet,
+    VerticalSlash,
+    causal,
+)
+
+from .attention import true_attention, visible_cells
+
+
+class SelectionError(ValueError):
+    """A selection that cannot be scored on these rows (wrong heads, rows it was not built for)."""
+
+
+@dataclass
+class Rows:
+    """The scored query rows of one phase of one layer."""
+
+    positions: Tensor  # [R] ascending
+    error_index: Tensor  # indices into ``positions`` of the rows output error is computed on
+    n_keys: int  # keys in context (the prompt for prefill)
+    prefill_len: int  # what the policy is told (the first proxy row for a decode proxy)
+    proxy: bool = False
+
+    @property
+    def causal_cells(self) -> float:
+        return float(torch.clamp(self.positions + 1, max=self.n_keys).sum())
+
+
+@dataclass
+class Entry:
+    """One (policy, budget rule, sparsity) on one layer: its selection in, its per-head metrics out."""
+
+    policy: object
+    rule: str
+    sparsity: float
+    budget: object = None
+    selection: Selection | None = None
+    error: str = ""
+    density: Tensor | None = None  # [Hq]
+    recall: Tensor | None = None  # [Hq, R]
+    output_error: Tensor | None = None  # [Hq, M]
+    oracle: str = ""
+    oracle_recall: Tensor | None = None  # [Hq, R]
+    oracle_output_error: Tensor | None = None  # [Hq, M]
+    cells: Tensor | None = field(default=None, repr=False)  # [Hq] kept causal cells over the scored rows
+
+    @property
+    def is_oracle(self) -> bool:
+        return isinstance(self.policy, OracleTopK)
+
+
+class Field:
+    """Per-row values over keys ``data [F, R, T]`` (F heads, or 1 when shared) with cached unit sums."""
+
+    def __init__(self, data: Tensor, rows: Tensor):
+        self.data, self.rows = data, rows
+        self._units: dict[int, Tensor] = {}
+
+    def unit_sums(self, size: int) -> Tensor:
+        """Sums over key units of ``size``: [F, R, ceil(T / size)] (size 0: the whole row, [F, R])."""
+        if size not in self._units:
+            self._units[size] = self.data.sum(-1) if size == 0 else unit_mass(self.data, size)
+        return self._units[size]
+
+
+def group_part(sel: Selection, group: int, group_size: int, n_kv: int, device=None) -> Selection:
+    """The part of ``sel`` serving KV group ``group`` (its query heads, or its one KV head), on ``device``."""
+    if sel.heads == n_kv * group_size:
+        heads = slice(group * group_size, (group + 1) * group_size)
+    elif sel.heads == n_kv:
+        heads = slice(group, group + 1)
+    else:
+        raise SelectionError(f"selection has {sel.heads} heads; expected {n_kv * group_size} query heads "
+                             f"or {n_kv} KV heads")
+    if isinstance(sel, Dense):
+        return Dense(heads.stop - heads.start)
+    if isinstance(sel, BlockMask):
+        return replace(sel, blocks=sel.blocks[heads].to(device))
+    if isinstance(sel, VerticalSlash):
+        return replace(sel, columns=[c.to(device) for c in sel.columns[heads]],
+                       offsets=[o.to(device) for o in sel.offsets[heads]])
+    if isinstance(sel, TokenSet):
+        return replace(sel, rows=sel.rows.to(device), indices=sel.indices[heads].to(device))
+    if isinstance(sel, PageSet):
+        return replace(sel, rows=sel.rows.to(device), pages=sel.pages[heads].to(device))
+    if isinstance(sel, KeptKeys):
+        return replace(sel, kept=sel.kept[heads].to(device))
+    return _Sliced(sel, heads)
+
+
+@dataclass
+class _Sliced(Selection):
+    """Some heads of a selection kind this module does not know (scored through its dense mask)."""
+
+    whole: Selection
+    part: slice
+    kernel: ClassVar[str] = "unknown"
+
+    @property
+    def heads(self) -> int:
+        return self.part.stop - self.part.start
+
+    def mask(self, rows: Tensor, n_keys: int) -> Tensor:
+        return self.whole.mask(rows, n_keys)[self.part].to(rows.device)
+
+
+def _row_index(selection_rows: Tensor, rows: Tensor) -> Tensor:
+    where = torch.searchsorted(selection_rows, rows).clamp(max=len(selection_rows) - 1)
+    if len(selection_rows) == 0 or bool((selection_rows[where] != rows).any()):
+        raise SelectionError("selection was not built for every scored row (use view.rows)")
+    return where
+
+
+def kept_units(sel: BlockMask | PageSet, rows: Tensor, n_keys: int) -> Tensor:
+    """Kept key blocks / pages of each row [h, R, ceil(T / size)] (bool; causality not applied)."""
+    if isinstance(sel, BlockMask):
+        n_kblocks = -(-n_keys // sel.block_k)
+        if sel.blocks.shape[-1] < n_kblocks:
+            raise SelectionError(f"block mask covers {sel.blocks.shape[-1] * sel.block_k} keys, "
+                                 f"fewer than the {n_keys} in context")
+        return sel.blocks[:, rows // sel.block_q, :n_kblocks]
+    pages = sel.pages[:, _row_index(sel.rows, rows)]
+    n_pages = -(-n_keys // sel.page_size)
+    kept = torch.zeros(*pages.shape[:2], n_pages + 1, dtype=torch.bool, device=pages.device)
+    kept.scatter_(-1, torch.where((pages < 0) | (pages >= n_pages), n_pages, pages), True)
+    return kept[..., :n_pages]
+
+
+def unit_size(sel: BlockMask | PageSet) -> int:
+    return sel.block_k if isinstance(sel, BlockMask) else sel.page_size
+
+
+def selected_mass(sel: Selection, values: Field, n_keys: int) -> Tensor:
+    """Sum of ``values`` over the cells ``sel`` computes, per head and row: [max(F, h), R].
+
+    ``values`` is zero on cells the rows cannot see, so causality needs no mask here.
+    """
+    data, rows = values.data, values.rows
+    if isinstance(sel, Dense):
+        return values.unit_sums(0)
+    if isinstance(sel, BlockMask | PageSet):
+        return (values.unit_sums(unit_size(sel)) * kept_units(sel, rows, n_keys)).sum(-1)
+    if isinstance(sel, TokenSet):
+        index = sel.indices[:, _row_index(sel.rows, rows)]
+        kept = torch.zeros(*index.shape[:2], n_keys + 1, dtype=torch.bool, device=index.device)
+        kept.scatter_(-1, torch.where((index < 0) | (index >= n_keys), n_keys, index), True)
+        return (data * kept[..., :n_keys]).sum(-1)
+    if isinstance(sel, KeptKeys):
+        return torch.matmul(data, kept_keys(sel, n_keys)[..., None]).squeeze(-1)
+    if isinstance(sel, VerticalSlash):
+        data = data.expand(max(data.shape[0], sel.heads), -1, -1)
+        return vertical_slash_masses([sel], data, rows, n_keys)[0][0]
+    out = []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start : start + 256]
+        out.append((data[:, start : start + 256] * sel.mask(chunk, n_keys)).sum(-1))
+    return torch.cat(out, dim=1)
+
+
+def kept_keys(sel: KeptKeys, n_keys: int) -> Tensor:
+    """KeptKeys as a float key vector per head [h, T] (keys after the prompt always kept)."""
+    kept = sel.kept[:, :n_keys]
+    tail = torch.ones(kept.shape[0], n_keys - kept.shape[1], dtype=torch.bool, device=kept.device)
+    return torch.cat([kept, tail], dim=1).float()
+
+
+def block_key_masks(sel: VerticalSlash, head: int, starts: Tensor, n_keys: int) -> Tensor:
+    """Keys a VerticalSlash head computes for the query blocks starting at ``starts``: [len(starts), T] bool.
+
+    For the block starting at r0 a slash o covers keys r0 - o .. r0 + block - 1 - o: key j is covered when
+    x = r0 - j + block - 1 is in the head's diagonal coverage, so each block's row of keys is a window of
+    the reversed coverage (no per-key index arithmetic).
+    """
+    cover = sel.diagonal_coverage(head, n_keys, starts.device)  # index x in [0, n_keys + block - 1)
+    reverse = torch.cat([cover.flip(0), torch.zeros(n_keys, dtype=torch.bool, device=cover.device)])
+    # key j of the block at r0 reads reverse[len(cover) - 1 - x] = reverse[n_keys - 1 - r0 + j]
+    windows = reverse.unfold(0, n_keys, 1)
+    keys = windows[n_keys - 1 - starts]
+    cols = sel.columns[head].to(starts.device)
+    cols = cols[(cols >= 0) & (cols < n_keys)]
+    keys[:, cols] = True
+    return keys
+
+
+def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor, n_keys: int,
+                          counts: bool = False, error_index: Tensor | None = None,
+                          chunk_bytes: int = 16 << 20) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Recall of several VerticalSlash selections with one block size, and optionally their kept causal cells
+    and their masks on the error rows ``rows[error_index]``.
+
+    ``data [F, R, T]``; every selection has F heads or one (shared). Rows are grouped by query block; per
+    block, one matrix product of the block's rows (and, for the counts, their causal indicators) with the
+    stacked key masks of all selections. Returns recall [S, F, R], cells [S, F, R] and masks [S, F, M, T]
+    (each None when not asked for; a shared selection's cells and masks have one head).
+    """
+    b, n_sel, n_heads, device = sels[0].block, len(sels), data.shape[0], data.device
+    blocks, sizes = torch.unique_consecutive(rows // b, return_counts=True)
+    starts = (blocks * b).tolist()
+    lasts = torch.cumsum(sizes, 0).tolist()
+    firsts = [0, *lasts[:-1]]
+    shared = all(sel.heads == 1 for sel in sels)
+    variants = [0] if shared else list(range(n_heads))
+    n_rows = n_heads if shared else 1  # value rows per scored row in one product
+    mass = torch.zeros(n_sel, n_heads, len(rows), device=device)
+    cells = torch.zeros(n_sel, len(variants), len(rows), device=device) if counts else None
+    masks = err_at = None
+    if error_index is not None:
+        masks = torch.zeros(n_sel, len(variants), len(error_index), n_keys, dtype=torch.bool, device=device)
+        in_block = torch.bucketize(error_index, torch.tensor(lasts, device=device), right=True).tolist()
+        err_at = {}  # block -> (indices into the error rows, their positions)
+        for m, blk in enumerate(in_block):
+            err_at.setdefault(blk, []).append(m)
+        err_at = {blk: (torch.tensor(ms, device=device), rows[error_index[ms]]) for blk, ms in err_at.items()}
+    keys_at = torch.arange(n_keys, device=device)
+    per_chunk = max(1, chunk_bytes // (n_keys * n_sel))
+    for v in variants:
+        heads = slice(None) if shared else slice(v, v + 1)
+        for c0 in range(0, len(starts), per_chunk):
+            chunk = starts[c0 : c0 + per_chunk]
+            width = min(chunk[-1] + b, n_keys)  # keys any row of the chunk can see
+            chunk_starts = torch.tensor(chunk, device=device)
+            keys = torch.stack([block_key_masks(sel, 0 if sel.heads == 1 else v, chunk_starts, n_keys)[:, :width]
+                                for sel in sels])  # [S, blocks, keys] bool
+            for i, r0 in enumerate(chunk):
+                blk, hi = c0 + i, min(r0 + b, n_keys)
+                first, last = firsts[blk], lasts[blk]
+                block_keys = keys[:, i, :hi].float()  # [S, hi]
+                values = data[heads, first:last, :hi].reshape(-1, hi)
+                if counts:
+                    seen = (keys_at[None, :hi] <= rows[first:last, None]).float()
+                    values = torch.cat([values, seen])
+                got = (values @ block_keys.T).T  # [S, rows of values]
+                n = last - first
+                mass[:, heads, first:last] = got[:, : n_rows * n].view(n_sel, n_rows, n)
+                if counts:
+                    cells[:, v, first:last] = got[:, n_rows * n :]
+                if err_at is not None and blk in err_at:
+                    ms, pos = err_at[blk]
+                    seen_err = keys_at[None, None, :hi] <= pos[None, :, None]
+                    masks[:, v, ms, :hi] = (block_keys[:, None, :] > 0) & seen_err
+    return mass, cells, masks
+
+
+def units_touched(sel: Selection, rows: Tensor, size: int, n_keys: int) -> Tensor:
+    """Units of ``size`` keys in which ``sel`` computes at least one causal cell, per head and row: [h, R]."""
+    if isinstance(sel, PageSet) and sel.page_size == size:
+        causal_page = torch.arange(-(-n_keys // size), device=rows.device)[None, :] <= (rows // size)[:, None]
+        return (kept_units(sel, rows, n_keys) & causal_page).sum(-1).float()
+    out = []
+    for start in range(0, len(rows), 256):
+        mask = sel.mask(rows[start : start + 256], n_keys)
+        out.append(unit_mass(mask.float(), size).gt(0).sum(-1).float())
+    return torch.cat(out, dim=1)
+
+
+def block_budget(sel: BlockMask, rows: Tensor, n_keys: int) -> Tensor:
+    """Kept causal key blocks of each row's query block: [h, R]."""
+    n_kblocks = -(-n_keys // sel.block_k)
+    qblocks = sel.blocks.shape[1]
+    last = torch.clamp((torch.arange(qblocks, device=rows.device) + 1) * sel.block_q - 1, max=n_keys - 1)
+    causal_blocks = torch.arange(n_kblocks, device=rows.device)[None, :] <= (last // sel.block_k)[:, None]
+    per_block = (sel.blocks[:, :, :n_kblocks] & causal_blocks).sum(-1)  # [h, query blocks]
+    return per_block[:, rows // sel.block_q].float()
+
+
+def policy_granularity(policy: object, sel: Selection, n_kv: int) -> Granularity:
+    """The oracle granularity matching a policy's selection (group sharing only for a shared selection)."""
+    unit, size, sharing = Granularity(*getattr(policy, "granularity", ("token", 1, "head")))
+    if unit == "block" and not (isinstance(sel, BlockMask) and sel.block_q == sel.block_k == size):
+        unit, size = "token", 1
+    if sharing == "group" and sel.heads != n_kv:
+        sharing = "head"
+    return Granularity(unit, size if unit != "token" else 1, sharing)
+
+
+def relative_error(num: Tensor, mass: Tensor, dense: Tensor) -> Tensor:
+    """||num / mass - dense|| / ||dense|| per head and row (num: sum_sel p v; mass: sum_sel p)."""
+    sparse = num / mass.clamp(min=torch.finfo(mass.dtype).tiny)[..., None]
+    sparse = torch.where(mass[..., None] > 0, sparse, torch.zeros_like(sparse))
+    return (sparse - dense).norm(dim=-1) / dense.norm(dim=-1).clamp(min=1e-30)
+
+
+class Outputs:
+    """Output error on the error rows of one KV group: ``p [G, M, T]`` against its values ``v [T, d]``."""
+
+    def __init__(self, p: Tensor, v: Tensor):
+        self.p, self.v = p, v
+        self.dense = p @ v  # [G, M, d]
+        self._unit_pv: dict[int, Tensor] = {}
+        self.mass = Field(p, torch.empty(0))  # unit sums of p
+        self._ranked: list[tuple[Ranking, Tensor, Tensor, slice]] = []
+
+    def unit_pv(self, size: int) -> Tensor:
+        """Sum of p v over each key unit of ``size``: [G, M, U, d]."""
+        if size not in self._unit_pv:
+            G, M, T = self.p.shape
+            pad = -T % size
+            p = torch.nn.functional.pad(self.p, (0, pad)).view(G * M, -1, size).transpose(0, 1)  # [U, GM, s]
+            v = torch.nn.functional.pad(self.v, (0, 0, 0, pad)).view(-1, size, self.v.shape[-1])  # [U, s, d]
+            self._unit_pv[size] = torch.bmm(p, v).transpose(0, 1).reshape(G, M, -1, self.v.shape[-1])
+        return self._unit_pv[size]
+
+    def masked(self, mask: Tensor) -> Tensor:
+        """Error [G, M] of keeping the cells ``mask [h, M, T]``."""
+        kept = self.p * mask
+        return relative_error(kept @ self.v, kept.sum(-1), self.dense)
+
+    def units(self, kept: Tensor, size: int) -> Tensor:
+        """Error [G, M] of keeping the key units ``kept [h, M, U]`` of ``size`` keys."""
+        weights = kept.float().expand(self.p.shape[0], -1, -1)
+        num = torch.einsum("gmu,gmud->gmd", weights, self.unit_pv(size))
+        mass = (self.mass.unit_sums(size) * weights).sum(-1)
+        return relative_error(num, mass, self.dense)
+
+    def selection(self, sel: Selection, rows: Tensor, n_keys: int) -> Tensor:
+        """Error [G, M] of a policy's selection (for this group's heads) on the error rows ``rows``."""
+        if isinstance(sel, Dense):
+            return torch.zeros(self.p.shape[:2], device=self.p.device)
+        if isinstance(sel, BlockMask | PageSet):
+            return self.units(kept_units(sel, rows, n_keys), unit_size(sel))
+        return self.masked(sel.mask(rows, n_keys))
+
+    def ranked(self, ranking: Ranking, n: Tensor, mass: Tensor, target: Tensor, heads: slice) -> None:
+        """Queue the error of an oracle at budget ``n`` [Hr, M] on the error rows, whose kept mass ``mass``
+        [G, M] the ranking already gave; it is written to ``target[heads]`` by :meth:`flush`."""
+        self._ranked.append((ranking, n, mass, target, heads))
+
+    def flush(self, index: Tensor, chunk_bytes: int = 4 << 20) -> None:
+        """Errors of every queued oracle budget: per ranking and head, the kept keys are those whose rank in
+        the row's order is below the budget; a few budgets' masked probabilities share one matrix product."""
+        by_ranking: dict[int, list] = {}
+        for item in self._ranked:
+            by_ranking.setdefault(id(item[0]), []).append(item)
+        self._ranked.clear()
+        G, M, T = self.p.shape
+        for items in by_ranking.values():
+            ranking = items[0][0]
+            size, share = ranking.g.size, ranking.group
+            order = ranking.order_of(index)  # [Hr, M, U]
+            units = torch.arange(order.shape[-1], device=order.device)
+            rank = torch.empty_like(order).scatter_(-1, order, units.expand_as(order))
+            budgets = torch.stack([ranking.budget_rows(n, index) for _, n, _, _, _ in items])  # [S, Hr, M]
+            step = max(1, chunk_bytes // (4 * M * T))
+            for h in range(G):
+                for c in range(0, len(items), step):
+                    keep = rank[h // share][None] < budgets[c : c + step, h // share, :, None]  # [s, M, U]
+                    if size > 1:
+                        num = torch.einsum("smu,mud->smd", keep.float(), self.unit_pv(size)[h])
+                    else:
+                        kept = torch.where(keep, self.p[h][None], 0.0)
+                        num = (kept.view(-1, T) @ self.v).view(len(keep), M, -1)
+                    for k, (_, _, mass, target, heads) in enumerate(items[c : c + step]):
+                        target[heads][h] = relative_error(num[k][None], mass[h][None], self.dense[h][None])[0]
+
+
+class LayerScorer:
+    """Scores every entry of one phase of one layer: recall, output error, and the same-budget oracle.
+
+    A policy entry arrives with its selection checked and its density set (``policies.validate``); an
+    oracle entry gets its density here, from the cells its ranking keeps over the scored rows.
+    """
+
+    def __init__(self, view: LayerView, rows: Rows, want_output: bool):
+        self.view, self.rows = view, rows
+        self.n_q, self.n_kv, self.group = view.n_query_heads, view.n_kv_heads, view.group
+        self.want_output = want_output and view.v is not None
+        self.queries = view.queries_at(rows.positions)  # [Hq, R, d]
+        self.k = view.k[:, : rows.n_keys]
+        self.v = view.v[:, : rows.n_keys] if self.want_output else None
+        self.ones = Field(causal(rows.positions, rows.n_keys).float()[None], rows.positions)
+        self.scored_cells = 0
+
+    def score(self, entries: list[Entry]) -> None:
+        """Fill each entry's metrics; an entry whose selection cannot be scored gets its error set instead."""
+        live = [entry for entry in entries if not entry.error]
+        n_rows, n_err = len(self.rows.positions), len(self.rows.error_index)
+        device = self.k.device
+        for entry in live:
+            entry.recall = torch.zeros(self.n_q, n_rows, device=device)
+            entry.oracle_recall = torch.zeros(self.n_q, n_rows, device=device)
+            entry.cells = torch.zeros(self.n_q, device=device)
+            if self.want_output:
+                entry.output_error = torch.zeros(self.n_q, n_err, device=device)
+                entry.oracle_output_error = torch.zeros(self.n_q, n_err, device=device)
+        for g in range(self.n_kv):
+            self._score_group(g, live)
+        for entry in live:
+            if entry.is_oracle and not entry.error:
+                entry.density = entry.cells / max(self.rows.causal_cells, 1.0)
+                if self.want_output:
+                    entry.oracle_output_error = entry.output_error
+
+    def _score_group(self, g: int, entries: list[Entry]) -> None:
+        G, rows = self.group, self.rows
+        qh = slice(g * G, (g + 1) * G)
+        probs = true_attention(self.queries[qh], self.k[g : g + 1], rows.positions, self.view.scale,
+                               self.view.softcap, self.view.sliding_window)
+        self.scored_cells += G * visible_cells(rows.positions, rows.n_keys, self.view.sliding_window)
+        group = _Group(self, g, qh, probs)
+        vertical_slash: dict[int, list[tuple[Entry, VerticalSlash]]] = {}
+        for entry in entries:
+            if entry.error:
+                continue
+            try:
+                if entry.is_oracle:
+                    group.oracle(entry)
+                    continue
+                sel = group_part(entry.selection, g, G, self.n_kv, probs.device)
+                if isinstance(sel, VerticalSlash):
+                    vertical_slash.setdefault(sel.block, []).append((entry, sel))
+                    continue
+                group.policy(entry, sel, selected_mass(sel, group.probs, rows.n_keys),
+                             selected_mass(sel, self.ones, rows.n_keys))
+            except (SelectionError, ValueError, IndexError, RuntimeError) as exc:
+                entry.error = f"{type(exc).__name__}: {exc}"
+        for batch in vertical_slash.values():
+            try:
+                sels = [sel for _, sel in batch]
+                err_index = rows.error_index if group.outputs is not None else None
+                mass, cells, masks = vertical_slash_masses(sels, probs, rows.positions, rows.n_keys, True, err_index)
+            except (SelectionError, ValueError, IndexError, RuntimeError) as exc:
+                for entry, _ in batch:
+                    entry.error = f"{type(exc).__name__}: {exc}"
+                continue
+            for i, (entry, sel) in enumerate(batch):
+                try:
+                    one = slice(0, 1) if sel.heads == 1 else slice(None)
+                    group.policy(entry, sel, mass[i], cells[i][one], None if masks is None else masks[i][one])
+                except (SelectionError, ValueError, IndexError, RuntimeError) as exc:
+                    entry.error = f"{type(exc).__name__}: {exc}"
+        if group.outputs is not None:
+            group.outputs.flush(rows.error_index)
+
+
+class _Group:
+    """Scoring state of one KV group: its probabilities, rankings and output pass."""
+
+    def __init__(self, scorer: LayerScorer, g: int, qh: slice, probs: Tensor):
+        self.s, self.g, self.qh = scorer, g, qh
+        self.probs = Field(probs, scorer.rows.positions)
+        self.rankings: dict[Granularity, Ranking] = {}
+        self.outputs = None
+        if scorer.want_output:
+            self.outputs = Outputs(probs[:, scorer.rows.error_index], scorer.v[g])
+
+    def ranking(self, gran: Granularity) -> Ranking:
+        if gran not in self.rankings:
+            self.rankings[gran] = Ranking(self.probs.data, self.s.rows.positions, gran, self.s.group)
+        return self.rankings[gran]
+
+    def _expand(self, x: Tensor) -> Tensor:
+        """[1, ...] (one KV head) -> [G, ...]; [G, ...] unchanged."""
+        return x.expand(self.s.group, *x.shape[1:]) if x.shape[0] == 1 else x
+
+    def oracle(self, entry: Entry) -> None:
+        """A standalone oracle: its own budget, recall, cells and output error."""
+        gran = entry.policy.granularity
+        rank = self.ranking(gran)
+        fraction = fraction_per_query_head(entry.budget, self.s.n_q)[self.qh]
+        n = entry.policy.units(rank, entry.budget, rank.share_mean(fraction))
+        entry.recall[self.qh] = rank.mass_at(n)
+        entry.oracle_recall[self.qh] = entry.recall[self.qh]
+        entry.cells[self.qh] = self._expand(rank.cells_at(n).sum(-1))
+        entry.oracle = f"{entry.policy.name}:{gran.label}"
+        if self.outputs is not None:
+            self.outputs.ranked(rank, n, entry.recall[self.qh][:, self.s.rows.error_index], entry.output_error,
+                                self.qh)
+
+    def policy(self, entry: Entry, sel: Selection, mass: Tensor, counts: Tensor,
+               err_mask: Tensor | None = None) -> None:
+        """A policy's selection (this group's heads): recall, output error and its same-budget oracle.
+
+        ``err_mask`` is the selection's mask on the error rows when the caller already has it."""
+        rows = self.s.rows
+        entry.recall[self.qh] = self._expand(mass)
+        entry.cells[self.qh] = self._expand(counts.sum(-1))
+        gran = policy_granularity(entry.policy, entry.selection, self.s.n_kv)
+        rank = self.ranking(gran)
+        if gran.unit == "token":
+            n = torch.round(counts).long()
+        elif gran.unit == "page":
+            n = units_touched(sel, rows.positions, gran.size, rows.n_keys).long()
+        else:
+            n = block_budget(sel, rows.positions, rows.n_keys).long()
+        n = n[:1] if gran.sharing == "group" else self._expand(n)
+        entry.oracle_recall[self.qh] = rank.mass_at(n)
+        entry.oracle = f"oracle_topk:{gran.label}"
+        if self.outputs is not None:
+            if err_mask is not None:
+                entry.output_error[self.qh] = self.outputs.masked(err_mask)
+            else:
+                err_rows = rows.positions[rows.error_index]
+                entry.output_error[self.qh] = self.outputs.selection(sel, err_rows, rows.n_keys)
+            self.outputs.ranked(rank, n, entry.oracle_recall[self.qh][:, rows.error_index],
+                                entry.oracle_output_error, self.qh)
+
+
+def mean_ci(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over the last axis and its 95% confidence half-width (normal approximation; NaN for one sample)."""
+    n = x.shape[-1]
+    mean = x.double().mean(-1)
+    if n < 2:
+        return mean, torch.full_like(mean, math.nan)
+    return mean, 1.96 * x.double().std(-1) / math.sqrt(n)
