@@ -35,7 +35,8 @@ class Quest(PolicyBase):
     (the page holding the row, whose bounds the step updates: it is always read, so its bounds never matter).
     With ``share_pages`` (default) scores are summed over the query heads of a GQA group and one page set is
     kept per KV head; otherwise per query head. Layers below ``dense_first_layers`` (model layer index) are
-    dense (the Quest paper keeps 2; the Sparse Frontier paper 0).
+    dense (the Quest paper keeps 2; the Sparse Frontier paper 0). On a sliding-window layer only pages that
+    hold a key inside the window compete (the others can never be attended to).
     """
 
     name: ClassVar[str] = "quest"
@@ -66,7 +67,11 @@ class Quest(PolicyBase):
             rows = view.rows.to(view.q_positions.device)
             q = view.queries_at(rows).float()  # [Hq, R, d]
             q = q.reshape(view.n_kv_heads, view.group, *q.shape[1:])
-            earlier = torch.arange(lo.shape[1], device=rows.device)[None, :] < (rows // self.params.page_size)[:, None]
+            page = torch.arange(lo.shape[1], device=rows.device)[None, :]
+            earlier = page < (rows // self.params.page_size)[:, None]
+            if view.sliding_window:  # a sliding layer never reads pages wholly outside its window
+                last_key = (page + 1) * self.params.page_size - 1
+                earlier &= last_key > (rows - view.sliding_window)[:, None]
             out = []
             for start in range(0, q.shape[2], ROW_CHUNK):
                 qc = q[:, :, start : start + ROW_CHUNK]
@@ -89,6 +94,9 @@ class Quest(PolicyBase):
         order = self._orders(view)
         n_top = min(int(budget.tokens / p.page_size + 0.5), order.shape[-1])  # tokens rounded to whole pages
         top = order[..., :n_top].long()
-        valid = torch.arange(n_top)[None, :] < current[:, None]  # a row has only current-many earlier pages
+        first = torch.zeros_like(current)  # first page a row can read: 0, or the window's first page
+        if view.sliding_window:
+            first = ((view.rows.cpu() - view.sliding_window + 1).clamp(min=0)) // p.page_size
+        valid = torch.arange(n_top)[None, :] < (current - first)[:, None]  # only that many earlier pages to rank
         pages = torch.cat([torch.where(valid, top, -1), current.expand(heads, -1)[..., None]], dim=-1)
         return PageSet(rows=view.rows, pages=pages, page_size=p.page_size)

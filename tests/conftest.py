@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from sparse_frontier.tracer.store import TraceWriter
+# Without CUDA the Triton kernels run under Triton's interpreter; Triton reads this when a kernel is defined,
+# so it must be set before any test module imports sparse_frontier.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sparse_frontier.tracer.store import TraceWriter  # noqa: E402
 
 
 def write_random_trace(path, *, n_layers=2, n_q_heads=4, n_kv_heads=2, head_dim=16, n_tokens=256,

@@ -295,6 +295,14 @@ def test_quest_dense_first_layers_and_early_rows():
     assert set(sel.pages[0, 0].tolist()) - {-1} == {0, 1}
 
 
+def test_quest_on_a_sliding_layer_only_ranks_pages_inside_the_window():
+    rows = torch.tensor([37])
+    view = make_view(t=40, hq=2, hkv=1, d=6, prefill=32, rows=rows, seed=3)
+    view.sliding_window = 12  # row 37 sees keys 26..37: pages 6, 7, 8 (page 9 is current)
+    sel = get_policy("quest", page_size=4).select(view, Fixed(tokens=40).budget(view, 0.0))
+    assert set(sel.pages[0, 0].tolist()) - {-1} == {6, 7, 8, 9}
+
+
 # ---------------------------------------------------------------- sink + local, dense
 
 
