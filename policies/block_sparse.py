@@ -36,6 +36,7 @@ class BlockSparse(PolicyBase):
     top_chunks is the largest whose density (closed form, the same for every head) is within the budget;
     ``target=False`` uses ``top_chunks`` as given. ``chunk_size`` is both the pooling and the mask block.
     Choice: a last partial block is pooled over the tokens it has (MInference zero-pads, diluting it).
+    On a sliding-window layer, key blocks wholly outside every row's window of a query block rank last.
     """
 
     name: ClassVar[str] = "block_sparse"
@@ -80,6 +81,9 @@ class BlockSparse(PolicyBase):
             nb = q_pool.shape[1]
             m = torch.arange(nb)
             future = m[None, :] > m[:, None]
+            if view.sliding_window:  # key blocks no row of the query block can see rank with the future ones
+                b = self.params.chunk_size
+                future |= (m[None, :] + 1) * b - 1 <= m[:, None] * b - view.sliding_window
             forced = (m[None, :] == 0) | (m[None, :] == m[:, None]) | (m[None, :] == m[:, None] - 1)
             dtype = torch.int16 if nb < 2**15 else torch.int32
             ranks = torch.empty(len(q_pool), nb, nb, dtype=dtype)

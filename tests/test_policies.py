@@ -187,6 +187,13 @@ def test_block_sparse_keeps_sink_diagonal_below_and_top_pooled_blocks():
             assert set(sel.blocks[h, m].nonzero().flatten().tolist()) == want
 
 
+def test_block_sparse_on_a_sliding_layer_prefers_blocks_inside_the_window():
+    view = make_view(t=64, hq=1, seed=5)
+    view.sliding_window = 20  # query block 7 (rows 56..63) sees keys from 37: key blocks 4..7
+    sel = get_policy("block_sparse", chunk_size=8, target=False, top_chunks=5).select(view, Uniform().budget(view, 0))
+    assert sel.blocks[0, 7].nonzero().flatten().tolist() == [0, 4, 5, 6, 7]  # sink forced, then in-window
+
+
 def test_block_sparse_closed_form_matches_the_paper_table_at_16k():
     # ALGORITHMS.md: at 16k, k = 26, 35, 53, 71, 108, 188, 300 give s = 0.95, 0.933, 0.90, 0.867, 0.80, 0.667, 0.50
     for k, s in zip((26, 35, 53, 71, 108, 188, 300), (0.95, 0.933, 0.90, 0.867, 0.80, 0.667, 0.50), strict=True):
