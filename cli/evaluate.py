@@ -56,6 +56,8 @@ def _summary_table(summary, title: str) -> Table:
               help="Task samples (seeds --seed, --seed+1, ...).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the first sample.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Task parameter (repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Cap the task's answer budget (tokens generated at most; default: the task's).")
 @click.option("--sweep", is_flag=True, help="Run every policy x sparsity and write Parquet under OUT/e2e.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Results folder (the simulator's --out, to sit beside its parts); needed by --sweep.")
@@ -65,8 +67,8 @@ def _summary_table(summary, title: str) -> Table:
               show_default=True, help="Dtype the model runs in (auto: float32 on cpu, bfloat16 on cuda).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-sample records as JSON.")
 @click.pass_context
-def evaluate(ctx, model, task, length, policy, policies, sparsity, budget_rule, samples, seed, params, sweep, out,
-             device, compute_dtype, as_json):
+def evaluate(ctx, model, task, length, policy, policies, sparsity, budget_rule, samples, seed, params,
+             max_new_tokens, sweep, out, device, compute_dtype, as_json):
     """Run a model end to end with a sparse-attention policy applied inside every attention layer and score its
     answers with the task's scorer.
 
@@ -120,11 +122,11 @@ def evaluate(ctx, model, task, length, policy, policies, sparsity, budget_rule, 
         with Progress(*columns, console=console) as progress:
             bar = progress.add_task(f"{task} {length}: runs", total=len(configs) * samples)
             frame = e2e.sweep(backend, task, length, configs, samples, seed, task_params, out,
-                              on_config=lambda: progress.advance(bar))
+                              on_config=lambda: progress.advance(bar), max_new_tokens=max_new_tokens)
     except ValueError as exc:  # unknown policy / rule / task, bad parameter, length too short or too long
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        click.echo(frame.drop(columns=["output"]).to_json(orient="records", indent=1))
+        click.echo(frame.to_json(orient="records", indent=1))
         return
     title = f"{model} on {task} at {length} tokens: mean task score over samples"
     Console().print(_summary_table(_summary(frame), title))
