@@ -11,19 +11,24 @@ Layout (readable with ``zarr.open_group`` alone):
   stored as themselves. Chunks are (1 layer, 1 head, tokens, d) of at least 1 MiB (a few thousand tokens),
   compressed with Blosc (lz4 over bit-shuffled bytes, numcodecs) and checksummed with CRC32C.
 
-The writer streams: ``write_layer`` converts a layer to the storage dtype in the caller's thread and hands
-it to a small pool of writer threads (at most ``max_pending`` layers wait in memory, so a capture's memory
-stays bounded by a few layers), which compress and store it while the model goes on. In a local store the
-threads encode whole chunks themselves with the array's codecs (Blosc, then the CRC32C zarr appends) and
-write the chunk files zarr would write: zarr's own write path runs every chunk through one event-loop thread
+The writer streams: ``write_layer`` copies a layer into one of ``max_pending`` reusable host buffers (default
+``workers + 1`` layers, pinned when the layer is on a GPU; a host layer already in the storage dtype and layout
+is used as it is), converting it to the storage dtype and layout on the layer's device, and hands it to a
+small pool of writer threads, which compress and store it while the model goes on. A copy from a GPU is
+asynchronous and the writer thread waits for it (a CUDA event): the forward never waits for a transfer, only
+for a free buffer, and a capture's memory stays bounded by a few layers. In a local store the threads encode
+whole chunks themselves with the array's codecs (Blosc, then the CRC32C zarr appends) and write the chunk
+files zarr would write: zarr's own write path runs every chunk through one event-loop thread
 and reached only a third of the disk's speed. Partial chunks, and stores behind other fsspec file systems,
 go through zarr.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,14 +67,6 @@ _CRC32C = CRC32C(location="end")
 def _chunk_tokens(head_dim: int, itemsize: int, n_tokens: int) -> int:
     tokens = max(1, math.ceil(MIN_CHUNK_BYTES / (head_dim * itemsize)))
     return min(tokens, max(n_tokens, 1))
-
-
-def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """Tensor -> contiguous numpy in the storage dtype (bfloat16 as its uint16 bits), converted on its device."""
-    x = x.detach().to(getattr(torch, dtype)).contiguous().cpu()
-    if dtype == "bfloat16":
-        return x.view(torch.uint16).numpy()
-    return x.numpy()
 
 
 def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -111,13 +108,14 @@ def _check_header(url: str, attrs: dict) -> None:
 class TraceWriter:
     """Streams one captured sequence into a new store, layer by layer; ``finish`` marks it complete.
 
-    ``write_layer`` returns once the layer is converted and queued; a writer thread stores it. Call
-    ``finish`` to wait for every write and mark the store complete, or ``close`` to stop without doing so.
+    ``write_layer`` returns once the layer's copy into a host buffer is queued; a writer thread stores it. At
+    most ``max_pending`` layers (default ``workers + 1``) are in flight. Call ``finish`` to wait for every write
+    and mark the store complete, or ``close`` to stop without doing so.
     """
 
     def __init__(self, url: str, *, attrs: dict[str, Any], n_layers: int, n_q_heads: int, n_kv_heads: int,
                  head_dim: int, n_tokens: int, q_positions, dtype: str = "bfloat16", with_values: bool = True,
-                 storage_options: dict | None = None, workers: int = 4, max_pending: int = 4,
+                 storage_options: dict | None = None, workers: int = 4, max_pending: int | None = None,
                  on_written: Callable[[int], None] | None = None):
         if dtype not in STORAGE_DTYPES:
             raise TraceError(f"storage dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
@@ -151,7 +149,10 @@ class TraceWriter:
         self._model_layers = np.full(n_layers, -1, dtype=np.int32)
         self._on_written = on_written
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trace-writer")
-        self._slots = threading.BoundedSemaphore(max_pending)
+        # free host buffers, one set per layer in flight: {array name: flat buffer}, allocated on first use
+        self._free: queue.SimpleQueue[dict[str, torch.Tensor]] = queue.SimpleQueue()
+        for _ in range(max_pending or workers + 1):
+            self._free.put({})
         self._pending: dict[int, Future] = {}
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -174,19 +175,36 @@ class TraceWriter:
         self._check_block(index, "k", k, start)
         if v is not None:
             self._check_block(index, "v", v, start)
-        self._slots.acquire()
+        slot = self._free.get()
         try:
-            blocks = {"q": (_to_storage(q, self.dtype), q_start), "k": (_to_storage(k, self.dtype), start)}
-            if v is not None and "v" in self.arrays:
-                blocks["v"] = (_to_storage(v, self.dtype), start)
-            previous = self._pending.get(index)
-            future = self._pool.submit(self._store, index, blocks, previous)
+            blocks = {name: (self._stage(slot, name, x), offset)
+                      for name, x, offset in (("q", q, q_start), ("k", k, start), ("v", v, start))
+                      if x is not None and name in self.arrays}
+            copied = None
+            if q.is_cuda:  # the copies run on the current stream; the writer thread waits for them
+                copied = torch.cuda.Event(blocking=True)
+                copied.record(torch.cuda.current_stream(q.device))
+            future = self._pool.submit(self._store, index, blocks, self._pending.get(index), copied)
         except BaseException:
-            self._slots.release()
+            self._free.put(slot)
             raise
-        future.add_done_callback(self._done)
+        future.add_done_callback(functools.partial(self._done, slot))
         self._pending[index] = future
         self._model_layers[index] = model_layer
+
+    def _stage(self, slot: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> np.ndarray:
+        """Block ``x`` as numpy in the storage dtype (bfloat16 as uint16): a host block already in that form as
+        it is, any other copied into the slot's host buffer for array ``name``, converted to the storage dtype
+        and made contiguous on x's device (asynchronously from a GPU)."""
+        dtype = getattr(torch, self.dtype)
+        host = x.detach()
+        if host.is_cuda or host.dtype != dtype or not host.is_contiguous():
+            if name not in slot:
+                with torch.inference_mode(False):  # a buffer that outlives a capture's inference mode
+                    slot[name] = torch.empty(math.prod(self.arrays[name].shape[1:]), dtype=dtype,
+                                             pin_memory=x.is_cuda)
+            host = slot[name][:x.numel()].view(x.shape).copy_(host, non_blocking=True)
+        return (host.view(torch.uint16) if self.dtype == "bfloat16" else host).numpy()
 
     def _check_block(self, index: int, name: str, x: torch.Tensor, offset: int) -> None:
         """zarr does not check the shape of assigned data: refuse a block that does not fit its place."""
@@ -198,7 +216,10 @@ class TraceWriter:
             raise TraceError(f"{self.url}: {name} block {tuple(x.shape)} at layer {index}, row {offset} does not "
                              f"fit {name} {tuple(self.arrays[name].shape)}")
 
-    def _store(self, index: int, blocks: dict[str, tuple[np.ndarray, int]], previous: Future | None) -> None:
+    def _store(self, index: int, blocks: dict[str, tuple[np.ndarray, int]], previous: Future | None,
+               copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
         if previous is not None:  # pieces of one layer share chunks: store them in order
             previous.result()
         for name, (data, offset) in blocks.items():
@@ -234,8 +255,8 @@ class TraceWriter:
         if last * ct < end:
             arr[index, :, last * ct:end] = data[:, last * ct - offset:]
 
-    def _done(self, future: Future) -> None:
-        self._slots.release()
+    def _done(self, slot: dict[str, torch.Tensor], future: Future) -> None:
+        self._free.put(slot)
         if not future.cancelled() and future.exception() is not None and self._error is None:
             self._error = future.exception()
 
@@ -278,6 +299,7 @@ class TraceWriter:
     def close(self) -> None:
         """Stop the writer threads (queued layers are dropped); the store stays incomplete unless finished."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._free = queue.SimpleQueue()  # release the host buffers
 
     def __enter__(self) -> TraceWriter:
         return self
