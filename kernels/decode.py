@@ -8,6 +8,8 @@ layout reads tiles ``0 .. count-1`` of a compacted cache (eviction: SnapKV-style
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -104,10 +106,21 @@ def _merge_kernel(OP, LP, O, LSE, n_splits, SPLITS: tl.constexpr, HEAD_DIM: tl.c
     tl.store(LSE + i, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total_safe)))
 
 
+@functools.lru_cache(maxsize=1024)
 def _pick_splits(n_programs: int, n_tiles: int, n_sms: int, occupancy: int) -> int:
-    """Splits per (step, mask head): enough programs to fill the GPU ``occupancy`` times over."""
-    want = -(-occupancy * n_sms // max(n_programs, 1))
-    return max(1, min(want, n_tiles))
+    """Splits per (step, mask head) that finish soonest when ``occupancy`` programs run at once on each SM:
+    the fewest waves of programs times the tiles each reads, plus about one tile of fixed cost a program
+    (ties: fewer splits, less to merge)."""
+    slots = occupancy * n_sms
+    best, best_cost = 1, None
+    for splits in range(1, n_tiles + 1):
+        per = -(-n_tiles // splits)
+        if -(-n_tiles // per) != splits:  # the same tiles per program as a smaller split count
+            continue
+        cost = -(-n_programs * splits // slots) * (per + 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
 
 
 def sparse_decode(q: Tensor, k: Tensor, v: Tensor, layout: DecodeLayout, scale: float,

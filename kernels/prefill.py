@@ -67,15 +67,28 @@ def _masked_step(q, k, v_ptrs, v_desc, v_row, key, key_ok, pos_m, m_i, l_i, acc,
 
 
 @triton.jit
+def _unmasked_step(q, k, v_ptrs, m_i, l_i, acc, sm_scale, softcap, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over gathered keys that every row sees."""
+    s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _accumulate(acc * alpha[:, None], p, tl.load(v_ptrs), UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _sparse_prefill_kernel(
     Q, K, V, K_DESC, V_DESC, O, LSE, CNT, SCHED,
-    FULL_N, FULL_I, PART_N, PART_I, PART_E, COL_N, COL_I,
+    FULL_N, FULL_I, PART_N, PART_I, PART_E, COL_N, COL_I, COL_S,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_om,
     n_rows, n_keys, qblock0, n_local_qblocks, n_layout_qblocks, max_full, max_part, max_col,
     heads_per_mask, group, kv_rows, sm_scale, softcap, window,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SUB: tl.constexpr,
     INDEX_SCALE: tl.constexpr, HAS_END: tl.constexpr, HAS_COLS: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOW: tl.constexpr, COUNT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    WINDOW: tl.constexpr, COUNT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_C: tl.constexpr,
+    COL_SPLIT: tl.constexpr,
 ):
     item = tl.load(SCHED + tl.program_id(0))
     h = item // n_local_qblocks
@@ -141,12 +154,24 @@ def _sparse_prefill_kernel(
                                           key_ok, pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window,
                                           SOFTCAP, WINDOW, UPCAST, TMA)
 
-    # gathered columns (vertical-slash verticals not covered by a slash range)
+    # gathered columns (vertical-slash verticals not covered by a slash range), BLOCK_C at a time: first the
+    # whole tiles of those every row sees (no mask), then the rest
     if HAS_COLS:
+        offs_c = tl.arange(0, BLOCK_C)
         n_col = tl.load(COL_N + row)
-        for j in range(0, n_col, BLOCK_N):
-            col_ok = j + offs_n < n_col
-            key = tl.load(COL_I + row * max_col + j + offs_n, mask=col_ok, other=0)
+        n_seen = 0
+        if COL_SPLIT:
+            n_seen = tl.load(COL_S + row) // BLOCK_C * BLOCK_C
+            for j in range(0, n_seen, BLOCK_C):
+                key = tl.load(COL_I + row * max_col + j + offs_c)
+                k = tl.load(k_base + key[:, None] * stride_kn)
+                m_i, l_i, acc = _unmasked_step(q, k, v_base + key[:, None] * stride_vn, m_i, l_i, acc, sm_scale,
+                                               softcap, SOFTCAP, UPCAST)
+                if COUNT:
+                    cnt += BLOCK_C
+        for j in range(n_seen, n_col, BLOCK_C):
+            col_ok = j + offs_c < n_col
+            key = tl.load(COL_I + row * max_col + j + offs_c, mask=col_ok, other=0)
             k = tl.load(k_base + key[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
             m_i, l_i, acc, cnt = _masked_step(q, k, v_base + key[:, None] * stride_vn, V_DESC, 0, key, col_ok,
                                               pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window, SOFTCAP, WINDOW,
@@ -163,11 +188,14 @@ def _sparse_prefill_kernel(
 
 
 def _config(block_q: int, tile: int, head_dim: int) -> dict:
-    """Tile width along keys and launch settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None:
-    K/V tiles through TMA descriptors on Hopper and newer GPUs, plain loads elsewhere."""
+    """Tile widths along keys (``BLOCK_N`` for key ranges, ``BLOCK_C`` for gathered columns) and launch
+    settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None: K/V tiles through TMA descriptors on
+    Hopper and newer GPUs, plain loads elsewhere. ``COL_SPLIT``: gathered columns every row sees run unmasked
+    (faster with 64-row query blocks, slower with 128)."""
     if block_q >= 128:
-        return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None}
-    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 3, "TMA": None}
+        return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
+                "COL_SPLIT": False}
+    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True}
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -238,9 +266,12 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     part_end = layout.part_end if layout.part_end is not None else layout.part_index
     col_count = layout.col_count if has_cols else layout.full_count
     col_index = layout.col_index if has_cols else layout.full_index
+    col_seen = layout.col_seen if has_cols and layout.col_seen is not None else col_count
+    col_split = bool(cfg.pop("COL_SPLIT")) and has_cols and layout.col_seen is not None
     _sparse_prefill_kernel[(len(order),)](
         q, k, v, k_desc, v_desc, out, lse, cnt, order,
         layout.full_count, layout.full_index, layout.part_count, layout.part_index, part_end, col_count, col_index,
+        col_seen,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n_rows, n_keys, qblock0, n_local, layout.n_qblocks, layout.full_index.shape[-1],
         layout.part_index.shape[-1], col_index.shape[-1],
@@ -248,6 +279,6 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
         int(sliding_window or 0),
         BLOCK_M=layout.block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, SUB=sub, INDEX_SCALE=layout.index_scale,
         HAS_END=layout.part_end is not None, HAS_COLS=has_cols, SOFTCAP=bool(softcap), WINDOW=bool(sliding_window),
-        COUNT=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA=tma, **cfg,
+        COUNT=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA=tma, COL_SPLIT=col_split, **cfg,
     )
     return out, lse, (cnt if count else None)

@@ -9,6 +9,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
     os.environ["TRITON_INTERPRET"] = "1"
 
 from sparse_frontier.kernels import run_selection  # noqa: E402
+from sparse_frontier.kernels.decode import _pick_splits  # noqa: E402
 from sparse_frontier.kernels.flex import flex_block_mask, flex_prefill  # noqa: E402
 from sparse_frontier.kernels.layout import (  # noqa: E402
     block_sparse_layout,
@@ -183,6 +184,27 @@ def test_vertical_slash_merges_ranges_and_gathers_uncovered_columns():
     assert (run.out[2] == 0).all()
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_vertical_slash_many_columns_seen_by_whole_blocks(block):
+    # enough kept columns below each block's first row for whole unmasked column tiles, plus a masked tail
+    n = 700
+    q, k, v = inputs(2, 1, n, seed=8)
+    gen = torch.Generator().manual_seed(8)
+    sel = VerticalSlash(columns=[torch.randint(0, n, (500,), generator=gen) for _ in range(2)],
+                        offsets=[torch.cat([torch.arange(64), torch.randint(0, n, (3,), generator=gen)])
+                                 for _ in range(2)], block=block)
+    layout = vertical_slash_layout(sel, n)
+    assert layout.tile == block
+    r0 = torch.arange(layout.n_qblocks) * block
+    seen = torch.arange(layout.col_index.shape[-1]) < layout.col_seen[..., None]
+    assert (layout.col_index[seen] <= r0[None, :, None].expand_as(seen)[seen]).all()  # a prefix every row sees
+    assert int(layout.col_seen.max()) >= 128
+    check(sel, q, k, v, torch.arange(n))
+    run = run_selection(sel, q, k, v, torch.arange(n), 0.3, backend="triton")
+    split = sparse_prefill(q, k, v, layout, 0.3, config={"COL_SPLIT": block == 128, "BLOCK_C": 128})[0]
+    assert (split.float() - run.out.float()).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
+
+
 def test_vertical_slash_gqa_group_four_window_and_rows():
     n = 160
     q, k, v = inputs(4, 1, n, seed=6)
@@ -214,6 +236,17 @@ def test_sparse_decode_all_pages_window_and_tokens():
     check(PageSet(rows, all_pages, page_size=32), q, k, v, rows, window=70)
     tokens = torch.randint(0, n, (1, 2, 40), generator=torch.Generator().manual_seed(10))
     check(TokenSet(rows, tokens), q, k, v, rows)
+
+
+def test_decode_splits_fill_whole_waves():
+    # 64 (step, head) pairs of 256 tiles on 132 SMs x 4 programs: 8 splits (512 programs) run in one wave of
+    # 32 tiles each, where 9 splits (576 programs) would need a second wave
+    assert _pick_splits(64, 256, 132, 4) == 8
+    # one pair of 2 tiles: never more splits than tiles; short work: one split per tile while a wave has room
+    assert _pick_splits(1, 2, 132, 4) == 2
+    for programs, tiles in ((8, 128), (64, 32), (3, 1000)):
+        splits = _pick_splits(programs, tiles, 132, 4)
+        assert 1 <= splits <= tiles and programs * splits <= 2 * 132 * 4
 
 
 def test_eviction_runs_dense_decode_over_the_compacted_cache():
