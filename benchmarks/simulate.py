@@ -2,7 +2,9 @@
 
 1. the machine's float32 matmul rate (square 2048 x 2048, and the logits shape [1024, d] x [d, T]);
 2. the dense-attention pass: scored (query, key) cells per second of ``true_attention`` over one layer
-   (all heads, 1024 sampled rows), and its rate as 2 d FLOPs per cell against the matmul rates;
+   (all heads, 1024 sampled rows), and its rate as 2 d FLOPs per cell against the matmul rates. Cells are the
+   visible ones only (keys at or before each row, inside a sliding window): 9 heads x sum over the rows of
+   min(row + 1, T); masked cells a row block computes past its first row are not counted;
 3. the full seed sweep (every registered policy x 8 sparsities, 1024 sampled queries per head) over an
    8K SmolLM2 trace: wall time and peak resident memory of the whole process tree (Dask workers included);
 4. a 32K trace (synthetic q/k/v with SmolLM2's shapes, unless --long names a real one): peak memory of
@@ -12,6 +14,10 @@ Example:
   frontier trace capture --model smollm2-135m --task niah --length 8192 --generate 0 --out traces/smol-8k.zarr
   python benchmarks/simulate.py --trace traces/smol-8k.zarr --workers 2
   python benchmarks/simulate.py --trace traces/smol-8k.zarr --sections layers,devices   # GPU machine
+  python benchmarks/simulate.py --trace traces/smol-8k.zarr --sections dense,layers --threads 1  # shared machine
+
+On a machine other jobs also load, ``--threads 1`` keeps torch's threads from waiting on each other, and the
+'layers' section's CPU seconds per layer (not its wall time) give the projection of a sweep on idle cores.
 """
 
 from __future__ import annotations
@@ -136,13 +142,15 @@ def layer_timing(trace: str, device: str = "cpu") -> dict:
     settings = Settings(policies=[Spec(n) for n in sorted(registry.available())],
                         sparsities=[float(x) for x in SPARSITIES.split(",")], device=device)
     load_policies(settings)
-    seconds = []
+    seconds, cpu = [], []
     for index in range(store.n_layers):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         simulate_layer(store, index, settings)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     return {"device": device, "threads": torch.get_num_threads(), "layers": store.layers, "seconds": seconds,
-            "mean_s": sum(seconds) / len(seconds)}
+            "mean_s": sum(seconds) / len(seconds), "cpu_s": cpu, "mean_cpu_s": sum(cpu) / len(cpu),
+            "model_layers": int(store.model.get("n_layers", store.n_layers))}
 
 
 def compare_devices(trace: str, queries: int = 256) -> dict:
@@ -206,6 +214,7 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(SECTIONS)}: 'layers' = seconds per layer of the full "
                         "seed sweep in this process (no CLI, no Dask); 'devices' = the same sweep on CPU and CUDA "
                         "and the largest difference per metric")
+    parser.add_argument("--threads", type=int, help="torch threads in this process (dense, layers; default: torch's)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -213,6 +222,8 @@ def main() -> None:
         parser.error(f"unknown sections {sorted(sections - set(SECTIONS))}")
     import os
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     figures: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     if "dense" in sections:
         dense = dense_pass(args.trace, 1024)
@@ -225,9 +236,13 @@ def main() -> None:
               f"ratio {dense['gflops_2d'] / rates['square_gflops']:.1%} of square matmul (target 50%), "
               f"{dense['gflops_2d'] / rates['logits_shape_gflops']:.1%} of the logits-shaped matmul")
     if "layers" in sections:
-        figures["layers"] = layer_timing(args.trace)
-        print(f"full seed sweep in this process: {figures['layers']['mean_s']:.2f} s per layer "
-              f"({figures['layers']['threads']} threads)")
+        layers = figures["layers"] = layer_timing(args.trace)
+        print(f"full seed sweep in this process: {layers['mean_s']:.2f} s wall, {layers['mean_cpu_s']:.2f} s CPU per "
+              f"layer ({layers['threads']} threads)")
+        if layers["threads"] == 1 and args.workers:
+            rounds = -(-layers["model_layers"] // args.workers)
+            print(f"  projected {layers['model_layers']}-layer sweep on {args.workers} idle one-thread workers: "
+                  f"{rounds} x {layers['mean_cpu_s']:.2f} s = {rounds * layers['mean_cpu_s']:.0f} s")
     if "devices" in sections:
         figures["devices"] = compare_devices(args.trace)
         print(f"CPU vs CUDA: {json.dumps(figures['devices'])}")

@@ -77,10 +77,11 @@ def causal_unit_cells(rows: Tensor, size: int, n_keys: int) -> Tensor:
     return seen.clamp(min=0, max=size).float()
 
 
-def sorted_cumsum(x: Tensor, rows: Tensor, chunk: int = 128) -> Tensor:
+def sorted_cumsum(x: Tensor, rows: Tensor, chunk: int = 32) -> Tensor:
     """Cumulative sums of ``x [H, R, T]`` sorted descending along keys, where x is zero after each (ascending)
     row's position: only the keys up to each block of rows are sorted (numpy's vectorised sort on CPU)."""
-    out = torch.empty_like(x)
+    # on CPU numpy's allocation: its large arrays get transparent huge pages (far fewer page faults)
+    out = torch.from_numpy(np.empty_like(x.numpy())) if x.device.type == "cpu" else torch.empty_like(x)
     n_keys = x.shape[-1]
     for start in range(0, x.shape[1], chunk):
         stop = min(start + chunk, x.shape[1])

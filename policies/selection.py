@@ -30,6 +30,14 @@ def causal(rows: Tensor, n_keys: int) -> Tensor:
     return keys[None, :] <= rows[:, None]
 
 
+def row_counts(mask: Tensor) -> Tensor:
+    """True cells per head and row of a boolean mask [H, R, T] (int32 [H, R]).
+
+    Counted head by head in int32: on CPU torch's boolean sums are several times slower in int64, and slower
+    again past a few million elements per call."""
+    return torch.stack([m.sum(-1, dtype=torch.int32) for m in mask])
+
+
 def expand_heads(mask: Tensor, n_query_heads: int) -> Tensor:
     """Repeat a per-KV-head mask [Hkv, ...] over the query heads of each GQA group."""
     heads = mask.shape[0]
@@ -54,7 +62,7 @@ class Selection:
         """Computed cells per head over the given query rows (int64 [heads])."""
         total = torch.zeros(self.heads, dtype=torch.int64)
         for start in range(0, len(rows), ROW_CHUNK):
-            total += self.mask(rows[start : start + ROW_CHUNK], n_keys).sum(dim=(1, 2)).cpu()
+            total += row_counts(self.mask(rows[start : start + ROW_CHUNK], n_keys)).sum(-1).cpu()
         return total
 
     def density(self, rows: Tensor, n_keys: int) -> Tensor:
@@ -150,20 +158,30 @@ class VerticalSlash(Selection):
         hits.index_add_(0, offs + self.block, -torch.ones_like(offs, dtype=torch.int32))
         return hits.cumsum(0)[:span] > 0
 
+    def block_keys(self, head: int, starts: Tensor, n_keys: int) -> Tensor:
+        """Keys ``head`` computes for the query blocks starting at ``starts``: [len(starts), n_keys] bool, causality
+        not applied.
+
+        For the block starting at r0 a slash o covers keys r0 - o .. r0 + block - 1 - o: key j is covered when
+        x = r0 - j + block - 1 is in the head's diagonal coverage, so each block's row of keys is a window of
+        the reversed coverage, padded with False on both sides (no per-key index arithmetic).
+        """
+        device = starts.device
+        cover = self.diagonal_coverage(head, n_keys, device)  # index x in [0, n_keys + block - 1)
+        front = max(int(starts.max()) - n_keys + 1, 0) if len(starts) else 0  # blocks starting past the keys
+        pad = torch.zeros(front + n_keys, dtype=torch.bool, device=device)
+        reverse = torch.cat([pad[:front], cover.flip(0), pad[front:]])
+        # key j of the block at r0 reads reverse[front + n_keys - 1 - r0 + j]
+        keys = reverse.unfold(0, n_keys, 1)[front + n_keys - 1 - starts]
+        cols = self.columns[head].to(device)
+        keys[:, cols[(cols >= 0) & (cols < n_keys)]] = True
+        return keys
+
     def mask(self, rows: Tensor, n_keys: int) -> Tensor:
-        device = rows.device
-        keys = torch.arange(n_keys, device=device)
-        r0 = (rows // self.block) * self.block
-        d = r0[:, None] - keys[None, :] + self.block - 1  # index into diagonal_coverage
-        valid = (d >= 0) & (d < n_keys + self.block - 1)
-        out = torch.zeros(self.heads, len(rows), n_keys, dtype=torch.bool, device=device)
-        for h in range(self.heads):
-            cov = self.diagonal_coverage(h, n_keys, device)
-            out[h] = cov[d.clamp(0, n_keys + self.block - 2)] & valid
-            cols = self.columns[h].to(device)
-            cols = cols[(cols >= 0) & (cols < n_keys)]
-            out[h][:, cols] = True
-        return out & causal(rows, n_keys)
+        blocks, where = torch.unique(rows // self.block, return_inverse=True)  # the rows of a block share keys
+        starts = blocks * self.block
+        keys = torch.stack([self.block_keys(h, starts, n_keys) for h in range(self.heads)])
+        return keys[:, where] & causal(rows, n_keys)
 
     def cells(self, rows: Tensor, n_keys: int) -> Tensor:
         """Closed form of ``mask(rows, n_keys).sum`` without a dense mask.

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import Budget, LayerView
-from .selection import BlockMask, Dense, KeptKeys, PageSet, Selection, TokenSet, VerticalSlash
+from .selection import BlockMask, Dense, KeptKeys, PageSet, Selection, TokenSet, VerticalSlash, row_counts
 
 
 class PolicyError(ValueError):
@@ -106,5 +106,5 @@ def _prompt_keys_per_row(selection: Selection, rows: Tensor, view: LayerView) ->
     counts = []
     for start in range(0, len(rows), 256):
         mask = selection.mask(rows[start : start + 256], view.n_keys)
-        counts.append(mask[..., : view.prefill_len].sum(-1))
+        counts.append(row_counts(mask[..., : view.prefill_len]))
     return torch.cat(counts, dim=1)

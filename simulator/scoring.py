@@ -199,24 +199,6 @@ def kept_keys(sel: KeptKeys, n_keys: int) -> Tensor:
     return torch.cat([kept, tail], dim=1).float()
 
 
-def block_key_masks(sel: VerticalSlash, head: int, starts: Tensor, n_keys: int) -> Tensor:
-    """Keys a VerticalSlash head computes for the query blocks starting at ``starts``: [len(starts), T] bool.
-
-    For the block starting at r0 a slash o covers keys r0 - o .. r0 + block - 1 - o: key j is covered when
-    x = r0 - j + block - 1 is in the head's diagonal coverage, so each block's row of keys is a window of
-    the reversed coverage (no per-key index arithmetic).
-    """
-    cover = sel.diagonal_coverage(head, n_keys, starts.device)  # index x in [0, n_keys + block - 1)
-    reverse = torch.cat([cover.flip(0), torch.zeros(n_keys, dtype=torch.bool, device=cover.device)])
-    # key j of the block at r0 reads reverse[len(cover) - 1 - x] = reverse[n_keys - 1 - r0 + j]
-    windows = reverse.unfold(0, n_keys, 1)
-    keys = windows[n_keys - 1 - starts]
-    cols = sel.columns[head].to(starts.device)
-    cols = cols[(cols >= 0) & (cols < n_keys)]
-    keys[:, cols] = True
-    return keys
-
-
 def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor, n_keys: int,
                           counts: bool = False, error_index: Tensor | None = None,
                           chunk_bytes: int = 16 << 20) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -254,7 +236,7 @@ def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor,
             chunk = starts[c0 : c0 + per_chunk]
             width = min(chunk[-1] + b, n_keys)  # keys any row of the chunk can see
             chunk_starts = torch.tensor(chunk, device=device)
-            keys = torch.stack([block_key_masks(sel, 0 if sel.heads == 1 else v, chunk_starts, n_keys)[:, :width]
+            keys = torch.stack([sel.block_keys(0 if sel.heads == 1 else v, chunk_starts, n_keys)[:, :width]
                                 for sel in sels])  # [S, blocks, keys] bool
             for i, r0 in enumerate(chunk):
                 blk, hi = c0 + i, min(r0 + b, n_keys)
@@ -362,12 +344,14 @@ class Outputs:
 
     def flush(self, index: Tensor, chunk_bytes: int = 4 << 20) -> None:
         """Errors of every queued oracle budget: per ranking and head, the kept keys are those whose rank in
-        the row's order is below the budget; a few budgets' masked probabilities share one matrix product."""
+        the row's order is below the budget; a few budgets' masked probabilities share one matrix product, and
+        budgets queued more than once (the same counts on every error row) are computed once."""
         by_ranking: dict[int, list] = {}
         for item in self._ranked:
             by_ranking.setdefault(id(item[0]), []).append(item)
         self._ranked.clear()
         G, M, T = self.p.shape
+        step = max(1, chunk_bytes // (4 * M * T))
         for items in by_ranking.values():
             ranking = items[0][0]
             size, share = ranking.g.size, ranking.group
@@ -375,17 +359,20 @@ class Outputs:
             units = torch.arange(order.shape[-1], device=order.device)
             rank = torch.empty_like(order).scatter_(-1, order, units.expand_as(order))
             budgets = torch.stack([ranking.budget_rows(n, index) for _, n, _, _, _ in items])  # [S, Hr, M]
-            step = max(1, chunk_bytes // (4 * M * T))
+            mass = torch.stack([m for _, _, m, _, _ in items])  # [S, G, M]
             for h in range(G):
-                for c in range(0, len(items), step):
-                    keep = rank[h // share][None] < budgets[c : c + step, h // share, :, None]  # [s, M, U]
+                distinct, which = torch.unique(budgets[:, h // share], dim=0, return_inverse=True)  # [s, M], [S]
+                num = torch.empty(len(distinct), M, self.v.shape[-1], device=self.p.device)
+                for c in range(0, len(distinct), step):
+                    keep = rank[h // share][None] < distinct[c : c + step, :, None]  # [s, M, U]
                     if size > 1:
-                        num = torch.einsum("smu,mud->smd", keep.float(), self.unit_pv(size)[h])
+                        num[c : c + step] = torch.einsum("smu,mud->smd", keep.float(), self.unit_pv(size)[h])
                     else:
                         kept = torch.where(keep, self.p[h][None], 0.0)
-                        num = (kept.view(-1, T) @ self.v).view(len(keep), M, -1)
-                    for k, (_, _, mass, target, heads) in enumerate(items[c : c + step]):
-                        target[heads][h] = relative_error(num[k][None], mass[h][None], self.dense[h][None])[0]
+                        num[c : c + step] = (kept.view(-1, T) @ self.v).view(len(keep), M, -1)
+                errors = relative_error(num[which], mass[:, h], self.dense[h][None])  # [S, M]
+                for k, (_, _, _, target, heads) in enumerate(items):
+                    target[heads][h] = errors[k]
 
 
 class LayerScorer:

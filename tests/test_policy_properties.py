@@ -69,6 +69,23 @@ def test_vertical_slash_closed_form_cells_equal_the_mask(case):
 
 
 @FAST
+@given(vs_selections(), st.integers(0, 12))
+def test_vertical_slash_mask_covers_each_query_blocks_parallelograms(case, past):
+    """Row i (in the query block starting at r0) computes key j <= i when j is a vertical or a slash o in
+    [0, n) has r0 - o <= j <= r0 + block - 1 - o; rows past the keys included."""
+    sel, rows, n = case
+    rows = torch.cat([rows, n + torch.arange(past)])
+    mask = sel.mask(rows, n)
+    for h in range(sel.heads):
+        cols = set(sel.columns[h].tolist())
+        offs = [o for o in sel.offsets[h].tolist() if 0 <= o < n]
+        for r, i in enumerate(rows.tolist()):
+            r0, b = i // sel.block * sel.block, sel.block
+            want = [j <= i and (j in cols or any(r0 - o <= j <= r0 + b - 1 - o for o in offs)) for j in range(n)]
+            assert mask[h, r].tolist() == want
+
+
+@FAST
 @given(st.integers(1, 60), st.integers(1, 7), st.integers(1, 7), st.integers(0, 10_000))
 def test_block_mask_closed_form_cells_equal_the_mask(n, bq, bk, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -80,10 +80,18 @@ def test_true_attention_equals_the_reference(softcap, window):
     got = torch.matmul(probs, v.repeat_interleave(2, dim=0))
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(probs.sum(-1), torch.ones(4, len(rows)))
-    if window:  # nothing outside the window, nothing in the future
-        j = torch.arange(90)
-        outside = (j[None, :] <= rows[:, None] - window) | (j[None, :] > rows[:, None])
-        assert (probs[:, outside] == 0).all()
+    # the probabilities themselves, with row blocks of 3 and the default, against a float64 softmax
+    logits = q[:, rows].double() @ k.double().repeat_interleave(2, dim=0).transpose(1, 2) * 0.35
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    j = torch.arange(90)
+    seen = j[None, :] <= rows[:, None]
+    if window:
+        seen &= j[None, :] > rows[:, None] - window
+    want64 = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
+    for tiled in (probs, true_attention(q[:, rows], k, rows, 0.35, softcap, window)):
+        assert (tiled.double() - want64).abs().max() < 1e-6
+        assert (tiled[:, ~seen] == 0).all()  # nothing in the future or outside the window
 
 
 # ---------------------------------------------------------------- scoring each Selection kind
