@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     policies = args.policies.split(",")
     sparsities = [float(s) for s in args.sparsity.split(",")]
+    if (args.out / "results").exists():  # a sweep would resume from what is there: the timings would be void
+        parser.error(f"{args.out} holds results of an earlier run; give a fresh --out")
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     task_params = {"answer_format": "direct"}
@@ -54,6 +57,7 @@ def main() -> None:
         key, _, value = item.partition("=")
         task_params[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
 
+    load_before = os.getloadavg()
     t = time.perf_counter()
     backend = TransformersBackend(args.model, args.device, dtype)
     load_s = time.perf_counter() - t
@@ -88,11 +92,12 @@ def main() -> None:
         "prompt_tokens": len(instance.input_ids),
         "answer_tokens": captured.generated_len, "seed": args.seed, "policies": policies, "sparsities": sparsities,
         "configurations": len(configs), "device": args.device, "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "model_load_s": round(load_s, 1),
+        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "model_load_s": round(load_s, 1),
         "capture_s": round(capture_s, 1), "simulate_s": round(simulate_s, 1), "replay_s": round(replay_s, 1),
         "e2e_s": round(e2e_s, 1), "speedup": round(e2e_s / replay_s, 2),
         "simulated_rows": len(simulated), "e2e_rows": len(ends), "results": str(args.out / "results"),
-        "e2e_dense_generated_tokens": int(ends["n_generated"].mean()),
+        "e2e_mean_generated_tokens": round(float(ends["n_generated"].mean()), 1),
     }
     (args.out / "replay_vs_e2e.json").write_text(json.dumps(report, indent=1))
     print(f"{args.model} {args.task} @ {args.length} ({len(instance.input_ids)} prompt tokens), "

@@ -165,20 +165,20 @@ def fidelity(sim_dir, e2e_dir, include_dense, top, as_json):
                                "disagreements": json.loads(worst.to_json(orient="records"))}, indent=1))
         return
     console = Console()
-    out = Table(title="Spearman correlation across configurations (simulated vs end-to-end)")
-    for name in ("model", "task", "length", "phase", "configs", "samples", "traces", "rho recall", "p",
-                 "rho error", "score range", "dense score"):
-        out.add_column(name, justify="left" if name in ("model", "task", "phase") else "right")
+    out = Table(title="Spearman rank correlation across configurations: simulated vs end to end")
+    for name in ("model", "task", "length", "phase", "configs", "samples", "traces", "ρ recall", "p",
+                 "ρ error", "ρ recall p10", "score range", "dense score"):
+        out.add_column(name, justify="left" if name in ("model", "task", "phase") else "right", overflow="fold")
     for r in table.itertuples(index=False):
         out.add_row(r.model, r.task, str(r.length), r.phase, str(r.configs), str(r.samples), str(r.traces),
-                    _fmt(r.rho_recall), _fmt(r.p_recall), _fmt(r.rho_error), _fmt(r.score_range),
-                    _fmt(r.dense_score))
+                    _fmt(r.rho_recall), _fmt(r.p_recall), _fmt(r.rho_error), _fmt(r.rho_recall_p10),
+                    _fmt(r.score_range), _fmt(r.dense_score))
     console.print(out)
     if top and not worst.empty:
-        gaps = Table(title="Largest disagreements (gap = recall rank - score rank, percentiles)")
-        for name in ("task", "length", "policy", "rule", "sparsity", "recall", "score", "samples", "gap"):
-            gaps.add_column(name, justify="left" if name in ("task", "policy", "rule") else "right")
+        gaps = Table(title="Largest disagreements (gap = recall rank - score rank, in percentiles)")
+        for name in ("task", "length", "policy", "rule", "sparsity", "recall", "error", "score", "samples", "gap"):
+            gaps.add_column(name, justify="left" if name in ("task", "policy", "rule") else "right", overflow="fold")
         for r in worst.itertuples(index=False):
             gaps.add_row(r.task, str(r.length), r.policy, r.budget_rule, f"{r.sparsity:g}", _fmt(r.recall),
-                         _fmt(r.score), str(r.samples), f"{r.gap:+.2f}")
+                         _fmt(r.output_error), _fmt(r.score), str(r.samples), f"{r.gap:+.2f}")
         console.print(gaps)

@@ -61,12 +61,14 @@ def target_lengths(lengths: pd.Series, targets: list[int]) -> pd.Series:
 
 
 def simulated_means(sim: pd.DataFrame, targets: list[int] | None = None) -> pd.DataFrame:
-    """Mean recall and output error per configuration over traces, layers and heads (rows that scored)."""
+    """Mean recall and output error per configuration over traces, layers and heads (rows that scored), and
+    the 10th percentile of recall over those (trace, layer, head) rows (``recall_p10``: the weak heads)."""
     ok = sim[sim["status"] == "ok"].copy()
     if targets:
         ok["length"] = target_lengths(ok["length"], targets)
     grouped = ok.groupby(KEY, dropna=False)
     out = grouped[["recall", "output_error", "realised_sparsity"]].mean()
+    out["recall_p10"] = grouped["recall"].quantile(0.1)
     out["traces"] = grouped["trace_id"].nunique()
     out["phase"] = grouped["phase"].first()
     return out.rename(columns={"realised_sparsity": "sim_realised_sparsity"}).reset_index()
@@ -83,11 +85,13 @@ def e2e_means(e2e: pd.DataFrame) -> pd.DataFrame:
 
 
 def join(sim: pd.DataFrame, e2e: pd.DataFrame) -> pd.DataFrame:
-    """Simulated and end-to-end means side by side, one row per configuration present in both."""
+    """Simulated and end-to-end means side by side: one row per configuration present in both, plus the
+    end-to-end sparsity-0 runs (the dense baseline; their simulated columns may be empty)."""
     ends = e2e_means(e2e)
     sims = simulated_means(sim, ends["length"].unique().tolist())
-    both = sims.drop(columns="phase").merge(ends, on=KEY, how="inner")
-    if both.empty:
+    both = ends.merge(sims.drop(columns="phase"), on=KEY, how="left")
+    both = both[both["recall"].notna() | (both["sparsity"] == 0)].reset_index(drop=True)
+    if both["recall"].isna().all():
         raise FidelityError("the simulator and end-to-end results share no (model, task, length, policy, params, "
                             "budget rule, sparsity): run both on the same tasks, lengths and configurations")
     return both
@@ -102,7 +106,8 @@ def _spearman(x: pd.Series, y: pd.Series) -> tuple[float, float]:
 
 def fidelity(joined: pd.DataFrame, include_dense: bool = False) -> pd.DataFrame:
     """Per (model, task, length) and phase (all, prefill, decode): Spearman correlation across configurations of
-    simulated recall with task score (and of simulated output error with task score, expected negative).
+    simulated mean recall with task score (``rho_recall``), of mean output error with task score (``rho_error``,
+    expected negative) and of the weak heads' recall (``rho_recall_p10``) with task score.
 
     Sparsity-0 configurations are left out unless ``include_dense``: every policy is dense there, so they
     would add ties that say nothing about the sparse methods; their mean score is reported as ``dense_score``.
@@ -110,16 +115,18 @@ def fidelity(joined: pd.DataFrame, include_dense: bool = False) -> pd.DataFrame:
     rows = []
     for group, frame in joined.groupby(GROUP):
         dense = frame[frame["sparsity"] == 0]
-        sparse = frame if include_dense else frame[frame["sparsity"] > 0]
+        sparse = (frame if include_dense else frame[frame["sparsity"] > 0]).dropna(subset=["recall"])
         for phase in ("all", "prefill", "decode"):
             part = sparse if phase == "all" else sparse[sparse["phase"] == phase]
             if part.empty:
                 continue
             rho, p = _spearman(part["recall"], part["score"])
             rho_err, p_err = _spearman(part["output_error"], part["score"])
+            rho_p10, _ = _spearman(part["recall_p10"], part["score"])
             rows.append({**dict(zip(GROUP, group, strict=True)), "phase": phase, "configs": len(part),
                          "samples": int(part["samples"].min()), "traces": int(part["traces"].min()),
                          "rho_recall": rho, "p_recall": p, "rho_error": rho_err, "p_error": p_err,
+                         "rho_recall_p10": rho_p10,
                          "score_range": float(part["score"].max() - part["score"].min()),
                          "dense_score": float(dense["score"].mean()) if len(dense) else math.nan})
     return pd.DataFrame(rows)
@@ -131,7 +138,7 @@ def disagreements(joined: pd.DataFrame, top: int = 5, include_dense: bool = Fals
     ``gap`` = percentile rank of recall - percentile rank of score: positive where the simulator rates a
     configuration better than the task score does, negative where it rates it worse.
     """
-    frame = joined if include_dense else joined[joined["sparsity"] > 0]
+    frame = (joined if include_dense else joined[joined["sparsity"] > 0]).dropna(subset=["recall"])
     out = []
     for _, group in frame.groupby(GROUP):
         group = group.assign(recall_rank=group["recall"].rank(pct=True), score_rank=group["score"].rank(pct=True))

