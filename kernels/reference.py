@@ -12,9 +12,9 @@ def attention_logits(q: Tensor, k: Tensor, scale: float, softcap: float | None =
     """Scaled (and soft-capped) logits [Hq, R, T] of queries q [Hq, R, d] against keys k [Hkv, T, d]."""
     group = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(group, dim=0) if group > 1 else k
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits.div_(softcap).tanh_().mul_(softcap)
     return logits
 
 

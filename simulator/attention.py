@@ -1,11 +1,11 @@
 """The true attention of scored query rows: exact, float32, a few rows at a time.
 
-Logits are :func:`kernels.reference.attention_logits`'s arithmetic (one matrix product, then the layer's
-scale and soft-cap) and visibility is :func:`kernels.reference.visible`'s (causal and the layer's sliding
-window), so the simulator's ground truth is the kernels' reference. Rows go in blocks of ``ROW_BLOCK``
-ascending rows, small enough that a block's logits stay in cache: each block only computes the keys its rows
-can see (so the cost is proportional to the visible cells, not to rows x keys), masks only the keys past
-its first row, and writes its softmax once into the output, which starts zeroed.
+Logits come from :func:`kernels.reference.attention_logits` (the layer's scale and soft-cap) and visibility
+from :func:`kernels.reference.visible` (causal and the layer's sliding window), so the simulator's ground
+truth is the kernels' reference. Rows go in blocks of ``ROW_BLOCK`` ascending rows, small enough that a
+block's logits stay in cache: each block only computes the keys its rows can see (so the cost is proportional
+to the visible cells, not to rows x keys), masks only the keys past its first row, and writes its softmax
+once into the output, which starts zeroed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from sparse_frontier.kernels.reference import attention_logits, visible
 
 ROW_BLOCK = 16
 
@@ -48,16 +50,12 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
         lo, hi = key_range(block_rows, sliding_window)
         # keys before the block's first row are visible to all its rows unless a window cuts them
         cut = lo if sliding_window else int(block_rows[0]) + 1
-        keys = torch.arange(cut, hi, device=rows.device)
-        hidden = keys[None, :] > block_rows[:, None]
-        if sliding_window:
-            hidden |= keys[None, :] <= block_rows[:, None] - sliding_window
+        hidden = ~visible(block_rows, hi, sliding_window)[:, cut:]
         for h in range(n_kv):
             heads = slice(h * group, (h + 1) * group)
             # one matrix product for the group's heads: their rows against the shared keys
-            logits = torch.mm(q[heads, start:stop].reshape(-1, q.shape[-1]), k[h, lo:hi].T).mul_(scale)
-            if softcap:
-                logits.div_(softcap).tanh_().mul_(softcap)
+            logits = attention_logits(q[heads, start:stop].reshape(1, -1, q.shape[-1]), k[h : h + 1, lo:hi], scale,
+                                      softcap)
             logits = logits.view(group, stop - start, hi - lo)
             logits[..., cut - lo :].masked_fill_(hidden, float("-inf"))
             probs[heads, start:stop, lo:hi] = torch.softmax(logits, dim=-1)
