@@ -21,6 +21,8 @@ class LayerView:
     decode policy must select for (decode steps, or the labelled proxy rows at the end of the prompt);
     ``prefill_len`` is where decoding starts (for the proxy, the first proxy row). ``probs [Hq, R, T]``, when
     the simulator provides it, is the true attention of the scored query rows ``rows`` (oracles read it).
+    ``memo`` holds estimates policies cache on the layer (:class:`policies.estimate.ViewCache`); views derived
+    with ``dataclasses.replace`` (the simulator's prefill and decode views of one layer) share it.
     """
 
     q: Tensor
@@ -34,6 +36,7 @@ class LayerView:
     sliding_window: int | None = None
     layer: int = 0
     probs: Tensor | None = None
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_query_heads(self) -> int:

@@ -8,8 +8,6 @@ policies share one pass over the layer.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,31 +21,20 @@ from .base import LayerView
 
 
 class ViewCache:
-    """Results computed from a LayerView, kept while the view lives.
+    """Results computed from a LayerView, kept in the view's ``memo`` while the view lives.
 
     The simulator calls ``select`` once per budget on the same view; estimates that do not depend on the
-    budget are computed once and reused. Keys include the view's prefill length, so a view reused with
-    another prefill length (the decode proxy) gets fresh entries. Entries go when their view is
-    garbage-collected; safe to share between threads (a value may then be computed twice, never mixed up).
+    budget are computed once and reused, also by the other views of the same layer that share the memo.
+    Keys include the view's prefill length, so a view with another prefill length (the decode proxy) gets
+    fresh entries. Safe to share between threads (a value may then be computed twice, never mixed up).
     """
-
-    def __init__(self) -> None:
-        self._store: dict[int, dict[Any, Any]] = {}
-        self._lock = threading.Lock()
 
     def get(self, view: LayerView, key: Any, compute: Callable[[], Any]) -> Any:
         """The cached value of ``key`` for ``view``, computing it on first use."""
-        vid, key = id(view), (key, view.prefill_len)
-        with self._lock:
-            entries = self._store.get(vid)
-            if entries is None:
-                entries = self._store[vid] = {}
-                weakref.finalize(view, self._store.pop, vid, None)
-            if key in entries:
-                return entries[key]
-        value = compute()
-        with self._lock:
-            return entries.setdefault(key, value)
+        key = (self, key, view.prefill_len)
+        if key not in view.memo:
+            view.memo.setdefault(key, compute())
+        return view.memo[key]
 
 
 @dataclass

@@ -78,8 +78,8 @@ def causal_unit_cells(rows: Tensor, size: int, n_keys: int) -> Tensor:
 
 
 def sorted_cumsum(x: Tensor, rows: Tensor, chunk: int = 32) -> Tensor:
-    """Cumulative sums of ``x [H, R, T]`` sorted descending along keys, where x is zero after each (ascending)
-    row's position: only the keys up to each block of rows are sorted (numpy's vectorised sort on CPU)."""
+    """Cumulative sums of ``x [H, R, T]`` (non-negative) sorted descending along keys, where x is zero after each
+    (ascending) row's position: only the keys up to each block of rows are sorted (numpy's vectorised sort on CPU)."""
     # on CPU numpy's allocation: its large arrays get transparent huge pages (far fewer page faults)
     out = torch.from_numpy(np.empty_like(x.numpy())) if x.device.type == "cpu" else torch.empty_like(x)
     n_keys = x.shape[-1]
@@ -87,8 +87,8 @@ def sorted_cumsum(x: Tensor, rows: Tensor, chunk: int = 32) -> Tensor:
         stop = min(start + chunk, x.shape[1])
         hi = min(int(rows[stop - 1]) + 1, n_keys)
         part = x[:, start:stop, :hi]
-        if part.device.type == "cpu":
-            ranked = torch.from_numpy(np.sort(part.numpy(), axis=-1)[..., ::-1].copy())
+        if part.device.type == "cpu":  # x >= 0: its bits sort as int32 in the same order, and faster
+            ranked = torch.from_numpy(np.sort(part.numpy().view(np.int32), axis=-1)[..., ::-1].view(np.float32).copy())
         else:
             ranked = torch.sort(part, dim=-1, descending=True).values
         torch.cumsum(ranked, dim=-1, out=out[:, start:stop, :hi])

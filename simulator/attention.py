@@ -4,8 +4,9 @@ Logits come from :func:`kernels.reference.attention_logits` (the layer's scale a
 from :func:`kernels.reference.visible` (causal and the layer's sliding window), so the simulator's ground
 truth is the kernels' reference. Rows go in blocks of ``ROW_BLOCK`` ascending rows, small enough that a
 block's logits stay in cache: each block only computes the keys its rows can see (so the cost is proportional
-to the visible cells, not to rows x keys), masks only the keys past its first row, and writes its softmax
-once into the output, which starts zeroed.
+to the visible cells, not to rows x keys), masks only the keys past its first row, takes the softmax in place
+and copies it once into the output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse
+one output's memory from call to call.
 """
 
 from __future__ import annotations
@@ -19,13 +20,6 @@ from sparse_frontier.kernels.reference import attention_logits, visible
 ROW_BLOCK = 16
 
 
-def key_range(rows: Tensor, sliding_window: int | None) -> tuple[int, int]:
-    """Half-open range of keys any of the (ascending) ``rows`` can see."""
-    hi = int(rows[-1]) + 1
-    lo = max(0, int(rows[0]) - sliding_window + 1) if sliding_window else 0
-    return lo, hi
-
-
 def _zeros(*shape: int, device: torch.device | str = "cpu") -> Tensor:
     """A zeroed float32 tensor. On CPU it comes from numpy, whose large arrays get transparent huge pages and
     kernel-zeroed memory: first touching a 100 MB output then costs a fraction of torch.zeros's page faults."""
@@ -34,31 +28,72 @@ def _zeros(*shape: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(shape, device=device)
 
 
+class ProbsBuffer:
+    """Output memory :func:`true_attention` reuses from call to call, for a caller done with each result before
+    the next call (which overwrites it).
+
+    Allocated once per shape; it remembers the keys each row's last call wrote, so a call zeroes only the cells
+    the previous one wrote and this one does not, instead of writing a fresh zeroed array (100 MB per KV group
+    at 8K keys, half of it zeros) each time.
+    """
+
+    def __init__(self):
+        self.probs: Tensor | None = None
+        self.written: list[tuple[int, int]] = []  # per row: the key range [lo, hi) the last call wrote
+
+    def take(self, shape: tuple[int, int, int], device: torch.device) -> Tensor:
+        if self.probs is None or self.probs.shape != shape or self.probs.device != device:
+            self.probs = _zeros(*shape, device=device)
+            self.written = [(0, 0)] * shape[1]
+        return self.probs
+
+    def clear_outside(self, start: int, stop: int, lo: int, hi: int) -> None:
+        """Zero what the last call wrote in rows start:stop outside keys lo:hi; record lo:hi as written."""
+        old_lo = min(a for a, _ in self.written[start:stop])
+        old_hi = max(b for _, b in self.written[start:stop])
+        if old_hi > hi:
+            self.probs[:, start:stop, hi:old_hi].zero_()
+        if old_lo < lo:
+            self.probs[:, start:stop, old_lo:lo].zero_()
+        self.written[start:stop] = [(lo, hi)] * (stop - start)
+
+
 def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: float | None = None,
-                   sliding_window: int | None = None, row_block: int = ROW_BLOCK) -> Tensor:
+                   sliding_window: int | None = None, row_block: int = ROW_BLOCK,
+                   out: ProbsBuffer | None = None) -> Tensor:
     """Probabilities [Hq, R, T] of queries q [Hq, R, d] at ascending positions ``rows`` over keys k [Hkv, T, d].
 
-    Invisible cells (future keys, keys outside the sliding window) are exactly zero.
+    Invisible cells (future keys, keys outside the sliding window) are exactly zero. With ``out`` the result is
+    that buffer's tensor, overwritten by the next call with it.
     """
     n_heads, n_rows, n_keys = q.shape[0], len(rows), k.shape[1]
     n_kv, group = k.shape[0], n_heads // k.shape[0]
-    probs = _zeros(n_heads, n_rows, n_keys, device=q.device)
+    shape = (n_heads, n_rows, n_keys)
+    probs = out.take(shape, q.device) if out is not None else _zeros(*shape, device=q.device)
     q, k = q.float(), k.float()
+    # each block: its rows start:stop see keys lo:hi; keys before cut are visible to all of them unless a window
+    # cuts them (then cut = lo), so only keys cut:hi need a mask
+    at = rows.tolist()
+    blocks = []
     for start in range(0, n_rows, row_block):
         stop = min(start + row_block, n_rows)
-        block_rows = rows[start:stop]
-        lo, hi = key_range(block_rows, sliding_window)
-        # keys before the block's first row are visible to all its rows unless a window cuts them
-        cut = lo if sliding_window else int(block_rows[0]) + 1
-        hidden = ~visible(block_rows, hi, sliding_window)[:, cut:]
+        lo = max(0, at[start] - sliding_window + 1) if sliding_window else 0
+        blocks.append((start, stop, lo, at[stop - 1] + 1, lo if sliding_window else at[start] + 1))
+    # the masks of keys cut:hi of every block at once: visibility depends on key - row alone
+    cuts = torch.tensor([cut for start, stop, *_, cut in blocks for _ in range(start, stop)],
+                        dtype=rows.dtype, device=rows.device)
+    hidden = ~visible(rows - cuts, max((hi - cut for *_, hi, cut in blocks), default=0), sliding_window)
+
+    for start, stop, lo, hi, cut in blocks:
+        if out is not None:
+            out.clear_outside(start, stop, lo, hi)
         for h in range(n_kv):
             heads = slice(h * group, (h + 1) * group)
             # one matrix product for the group's heads: their rows against the shared keys
-            logits = attention_logits(q[heads, start:stop].reshape(1, -1, q.shape[-1]), k[h : h + 1, lo:hi], scale,
-                                      softcap)
-            logits = logits.view(group, stop - start, hi - lo)
-            logits[..., cut - lo :].masked_fill_(hidden, float("-inf"))
-            probs[heads, start:stop, lo:hi] = torch.softmax(logits, dim=-1)
+            logits = attention_logits(q[heads, start:stop].reshape(1, -1, q.shape[-1]), k[h : h + 1, lo:hi],
+                                      scale, softcap).view(group, stop - start, hi - lo)
+            logits[..., cut - lo :].masked_fill_(hidden[start:stop, : hi - cut], float("-inf"))
+            probs[heads, start:stop, lo:hi] = torch.softmax(logits, dim=-1, out=logits)
     return probs
 
 

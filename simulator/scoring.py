@@ -39,7 +39,7 @@ from sparse_frontier.policies.selection import (
     causal,
 )
 
-from .attention import true_attention, visible_cells
+from .attention import ProbsBuffer, true_attention, visible_cells
 
 
 class SelectionError(ValueError):
@@ -391,6 +391,7 @@ class LayerScorer:
         self.v = view.v[:, : rows.n_keys] if self.want_output else None
         self.ones = Field(causal(rows.positions, rows.n_keys).float()[None], rows.positions)
         self.scored_cells = 0
+        self.buffer = ProbsBuffer()  # each group's probabilities, in one reused output
 
     def score(self, entries: list[Entry]) -> None:
         """Fill each entry's metrics; an entry whose selection cannot be scored gets its error set instead."""
@@ -416,7 +417,7 @@ class LayerScorer:
         G, rows = self.group, self.rows
         qh = slice(g * G, (g + 1) * G)
         probs = true_attention(self.queries[qh], self.k[g : g + 1], rows.positions, self.view.scale,
-                               self.view.softcap, self.view.sliding_window)
+                               self.view.softcap, self.view.sliding_window, out=self.buffer)
         self.scored_cells += G * visible_cells(rows.positions, rows.n_keys, self.view.sliding_window)
         group = _Group(self, g, qh, probs)
         vertical_slash: dict[int, list[tuple[Entry, VerticalSlash]]] = {}

@@ -31,7 +31,7 @@ from sparse_frontier.policies.selection import (
     causal,
     expand_heads,
 )
-from sparse_frontier.simulator.attention import true_attention
+from sparse_frontier.simulator.attention import ProbsBuffer, true_attention
 from sparse_frontier.simulator.cost import ModelShape, decode_bytes, prefill_flops, vertical_slash_index
 from sparse_frontier.simulator.results import load_parts, summary
 from sparse_frontier.simulator.scoring import (
@@ -92,6 +92,19 @@ def test_true_attention_equals_the_reference(softcap, window):
     for tiled in (probs, true_attention(q[:, rows], k, rows, 0.35, softcap, window)):
         assert (tiled.double() - want64).abs().max() < 1e-6
         assert (tiled[:, ~seen] == 0).all()  # nothing in the future or outside the window
+
+
+def test_true_attention_in_a_reused_buffer_is_exact():
+    """A reused ProbsBuffer holds exactly a fresh result after calls that wrote other cells (later rows, wider
+    windows, other row blocks)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(4, 90, 8, generator=gen) * 2, torch.randn(2, 90, 8, generator=gen) * 2
+    late, early = torch.tensor([0, 3, 17, 40, 41, 70, 89]), torch.tensor([5, 6, 30, 50, 60, 61, 62])
+    buffer = ProbsBuffer()
+    for rows, window, block in [(late, None, 3), (early, None, 2), (late, 30, 4), (early, 12, 3), (late, None, 16)]:
+        want = true_attention(q[:, rows], k, rows, 0.35, 4.0, window, row_block=block)
+        got = true_attention(q[:, rows], k, rows, 0.35, 4.0, window, row_block=block, out=buffer)
+        assert got is buffer.probs and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- scoring each Selection kind
