@@ -5,7 +5,9 @@
 Each variant is first checked against the torch reference (2K tokens, fresh random inputs) and then timed
 beside the default at the shapes of benchmarks/kernels.py; the default is timed twice to show the noise.
 Vertical-slash also times parts of its layout (ranges only, columns only, neither) to show where time goes;
-decode compares the split rules. ``--smoke`` runs it on tiny shapes under TRITON_INTERPRET=1.
+decode compares launch settings; ``fixed`` splits a decode call's fixed cost (an empty kernel on the same grid,
+the merge kernel alone, 1 / 2 / 4 tiles per program). The registers, spills and shared memory of every compiled
+kernel are printed last. ``--smoke`` runs it on tiny shapes under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import traceback
 from functools import partial
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels as kb  # noqa: E402  (benchmarks/kernels.py: shapes, masks, timers)
-from sparse_frontier.kernels.decode import sparse_decode  # noqa: E402
+from sparse_frontier.kernels.decode import _merge_kernel, sparse_decode  # noqa: E402
 from sparse_frontier.kernels.layout import (  # noqa: E402
     PrefillLayout,
     block_sparse_layout,
@@ -32,17 +35,20 @@ from sparse_frontier.kernels.prefill import sparse_prefill  # noqa: E402
 from sparse_frontier.kernels.reference import masked_attention  # noqa: E402
 from sparse_frontier.policies.selection import BlockMask, VerticalSlash  # noqa: E402
 
-BLOCK = {"base": {}, "s3": {"num_stages": 3}, "n64_s3": {"BLOCK_N": 64, "num_stages": 3}}
-VS = {"base": {}, "s2": {"num_stages": 2}, "split": {"COL_SPLIT": True},
-      "split_s2": {"COL_SPLIT": True, "num_stages": 2}, "split_c128": {"COL_SPLIT": True, "BLOCK_C": 128},
-      "split_c128_s2": {"COL_SPLIT": True, "BLOCK_C": 128, "num_stages": 2}}
+BLOCK = {"old_n128_w8": {"BLOCK_N": 128, "num_warps": 8}, "base": {}, "s3": {"num_stages": 3},
+         "n32": {"BLOCK_N": 32}, "n32_s3": {"BLOCK_N": 32, "num_stages": 3}, "m2": {"M_SPLIT": 2}}
+VS = {"base": {}, "w4": {"num_warps": 4}, "w4_split": {"num_warps": 4, "COL_SPLIT": True},
+      "m2_w4_split": {"M_SPLIT": 2, "num_warps": 4, "COL_SPLIT": True},
+      "m2_w4_split_s3": {"M_SPLIT": 2, "num_warps": 4, "COL_SPLIT": True, "num_stages": 3}}
+DECODE = {"base": {}, "unfused": {"fuse_splits": 0}, "s3": {"num_stages": 3}, "base_again": {}}
 
 
 def rel_err(out, ref) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-SIZES = {"check": 2048, "block": ((65536, (1.0, 0.1)), (16384, (0.05,))), "vs": (16384, 65536),
+SIZES = {"check": 2048, "block": ((65536, (1.0, 0.2, 0.1, 0.05)), (16384, (1.0, 0.2, 0.1, 0.05))),
+         "vs": (16384, 65536),
          "decode": ((32768, 8), (131072, 8), (131072, 1), (32768, 1))}
 
 
@@ -116,6 +122,7 @@ def without(layout: PrefillLayout, ranges: bool = True, cols: bool = True) -> Pr
         fields["part_count"] = torch.zeros_like(layout.part_count)
     if not cols:
         fields["col_count"] = torch.zeros_like(layout.col_count)
+        fields["col_seen"] = torch.zeros_like(layout.col_seen)
     return PrefillLayout(**fields)
 
 
@@ -171,18 +178,8 @@ def vs_section(results):
         print(json.dumps(row), flush=True)
 
 
-def old_splits(batch, n_tiles, occupancy=4, n_sms=132):
-    """The previous split rule: enough programs to fill the GPU ``occupancy`` times over."""
-    want = -(-occupancy * n_sms // (batch * kb.HKV))
-    splits = max(1, min(want, n_tiles))
-    per = -(-n_tiles // splits)
-    return -(-n_tiles // per)
-
-
 def decode_section(results):
     gen = torch.Generator(device=kb.DEVICE).manual_seed(4)
-    variants = {"old_occ4": None, "new_occ2": {"occupancy": 2}, "new_occ3": {"occupancy": 3},
-                "new_occ4": {"occupancy": 4}, "new_occ3_s3": {"occupancy": 3, "num_stages": 3}}
     for n, batch in SIZES["decode"]:
         k = torch.randn(batch, kb.HKV, n, kb.D, device=kb.DEVICE, dtype=kb.DTYPE, generator=gen)
         v = torch.randn(batch, kb.HKV, n, kb.D, device=kb.DEVICE, dtype=kb.DTYPE, generator=gen)
@@ -200,12 +197,13 @@ def decode_section(results):
             ref = torch.softmax(qg @ ks.transpose(-1, -2) * kb.SCALE, -1) @ vs
             ref = ref.view(batch, kb.HQ, kb.D)
             row = {"kernel": "decode", "n": n, "batch": batch, "fraction": fraction, "read_mb": read / 1e6}
-            for name, cfg in variants.items():
-                cfg = cfg if cfg is not None else {"splits": old_splits(batch, -(-n_pages // 4))}
+            for name, cfg in DECODE.items():
                 try:
                     out = sparse_decode(q, k, v, lay, kb.SCALE, **cfg)[0]
                     t = kb.bench_graph([partial(sparse_decode, q, k, v, la, kb.SCALE, **cfg) for la in layouts])
-                    row[name] = {"us": t * 1e6, "tbs": read / t / 1e12, "rel_err": rel_err(out, ref)}
+                    again = sparse_decode(q, k, v, lay, kb.SCALE, **cfg)[0]  # after the replays: tickets reset
+                    row[name] = {"us": t * 1e6, "tbs": read / t / 1e12, "rel_err": rel_err(out, ref),
+                                 "rel_err_after_replays": rel_err(again, ref)}
                 except Exception:
                     row[name] = {"error": traceback.format_exc(limit=3)}
             results.append(row)
@@ -213,10 +211,67 @@ def decode_section(results):
         del k, v
 
 
+@triton.jit
+def _empty_kernel(X):
+    """Does nothing: the launch floor of a grid."""
+    pass
+
+
+def fixed_cost_section(results):
+    """Where the fixed part of a decode call goes, 32K tokens, batch 8, 8 splits pinned (the rule's choice at
+    1/16): an empty kernel on the same grid, the merge kernel alone, and 4 / 2 / 1 tiles per program."""
+    n, batch, splits = SIZES["decode"][0][0], SIZES["decode"][0][1], 8
+    gen = torch.Generator(device=kb.DEVICE).manual_seed(6)
+    k = torch.randn(batch, kb.HKV, n, kb.D, device=kb.DEVICE, dtype=kb.DTYPE, generator=gen)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, kb.HQ, kb.D, device=kb.DEVICE, dtype=kb.DTYPE, generator=gen)
+    row = {"kernel": "decode_fixed_cost", "n": n, "batch": batch, "splits": splits}
+    x = torch.zeros(1, device=kb.DEVICE)
+    row["empty_us"] = kb.bench_graph([partial(_empty_kernel[(splits, kb.HKV, batch)], x)] * 4) * 1e6
+    o_part = torch.randn(batch, kb.HQ, splits, kb.D, device=kb.DEVICE)
+    l_part = torch.randn(batch, kb.HQ, splits, device=kb.DEVICE)
+    out = torch.empty(batch, kb.HQ, kb.D, device=kb.DEVICE, dtype=kb.DTYPE)
+    lse = torch.empty(batch, kb.HQ, device=kb.DEVICE)
+    merge = partial(_merge_kernel[(batch * kb.HQ,)], o_part, l_part, out, lse, splits, SPLITS=splits, HEAD_DIM=kb.D,
+                    num_warps=4)
+    row["merge_only_us"] = kb.bench_graph([merge] * 4) * 1e6
+    for fraction in (1 / 16, 1 / 32, 1 / 64):
+        layouts = kb.decode_layouts(batch, n, 16, fraction, 4, gen)
+        read = 2 * batch * kb.HKV * layouts[0].pages.shape[-1] * 16 * kb.D * 2
+        for name, cfg in (("fused", {}), ("unfused", {"fuse_splits": 0})):
+            t = kb.bench_graph([partial(sparse_decode, q, k, v, la, kb.SCALE, splits=splits, **cfg)
+                                for la in layouts])
+            row[f"1/{round(1 / fraction)} {name}_us"] = t * 1e6
+        row[f"1/{round(1 / fraction)} read_mb"] = read / 1e6
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def resources(results):
+    """Registers, spills and shared memory of every compiled specialisation of the kernels (GPU only)."""
+    from sparse_frontier.kernels.decode import _decode_split_kernel
+    from sparse_frontier.kernels.prefill import _sparse_prefill_kernel
+
+    for fn in (_sparse_prefill_kernel, _decode_split_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                try:
+                    meta = kernel.metadata
+                    consts = {str(k): v for k, v in getattr(kernel.src, "constants", {}).items()
+                              if isinstance(v, (int, bool))}
+                    row = {"kernel": fn.__name__, "regs": kernel.n_regs, "spills": kernel.n_spills,
+                           "shared": meta.shared, "warps": meta.num_warps, "stages": meta.num_stages,
+                           "constants": consts}
+                except Exception as err:
+                    row = {"kernel": fn.__name__, "error": repr(err)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="variants.json")
-    parser.add_argument("--sections", nargs="+", default=["block", "vs", "decode"])
+    parser.add_argument("--sections", nargs="+", default=["block", "vs", "decode", "fixed"])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (script check)")
     args = parser.parse_args()
     if args.smoke:
@@ -236,6 +291,10 @@ def main():
         vs_section(results)
     if "decode" in args.sections:
         decode_section(results)
+    if "fixed" in args.sections:
+        fixed_cost_section(results)
+    if kb.DEVICE == "cuda":
+        resources(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

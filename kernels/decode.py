@@ -2,7 +2,8 @@
 
 One program handles one (split, mask head, decode step): the query heads that share the mask head's pages
 (a whole GQA group when pages are shared) are packed into the rows of one tile, so each selected page is
-read once for the group. The splits' partial outputs are merged by a second small kernel. A "dense"
+read once for the group. The last split of a (mask head, step) to finish merges the splits' partial outputs
+(a ticket counter) when they are few; many splits are merged by a second kernel, in parallel. A "dense"
 layout reads tiles ``0 .. count-1`` of a compacted cache (eviction: SnapKV-style kept keys) without an index.
 """
 
@@ -21,11 +22,12 @@ from .prefill import INTERPRET, _accumulate, _scores
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, OP, LP, CNT, PAGES, COUNT, LO, HI,
+    Q, K, V, O, LSE, OP, LP, CNT, TICKET, PAGES, COUNT, LO, HI,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_pb, stride_ph, n_mask_heads, heads_per_mask, kv_div, tiles_per_split, n_splits, sm_scale, softcap,
-    PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, QP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_pb, stride_ph, n_mask_heads, heads_per_mask, kv_div, tiles_per_split, n_splits, n_slots, sm_scale,
+    softcap, PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, QP: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, SOFTCAP: tl.constexpr, COUNTING: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, HP: tl.constexpr, SPLITS: tl.constexpr,
 ):
     split = tl.program_id(0)
     mh = tl.program_id(1)
@@ -55,13 +57,16 @@ def _decode_split_kernel(
     l_i = tl.zeros([QP], tl.float32)
     acc = tl.zeros([QP, HEAD_DIM], tl.float32)
     cnt = tl.zeros([QP], tl.int32)
-    for t in range(p0, p1, PAGES_PER_TILE):
+    t_end = p1
+    if not DENSE:  # a trip count known before the page count is: the first page indices load beside it
+        t_end = p0 + tiles_per_split * PAGES_PER_TILE
+    for t in range(p0, t_end, PAGES_PER_TILE):
         slot = t + offs_n // PAGE
         slot_ok = slot < p1
         if DENSE:
             page = slot
         else:
-            page = tl.load(PAGES + b * stride_pb + mh * stride_ph + slot, mask=slot_ok, other=0)
+            page = tl.load(PAGES + b * stride_pb + mh * stride_ph + slot, mask=slot < n_slots, other=0)
         key = page * PAGE + offs_n % PAGE
         key_ok = slot_ok & (key >= lo) & (key < hi)
         k = tl.load(k_base + key[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
@@ -80,11 +85,46 @@ def _decode_split_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    part = (b * n_mask_heads * heads_per_mask + qh) * n_splits + split
-    tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None])
-    tl.store(LP + part, lse, mask=g_ok)
+    out_row = b * n_mask_heads * heads_per_mask + qh
+    part = out_row * n_splits + split
     if COUNTING:
         tl.store(CNT + part, cnt, mask=g_ok)
+    if not SPLIT:  # one split: this program's result is the output
+        tl.store(O + out_row[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=g_ok[:, None])
+        tl.store(LSE + out_row, lse, mask=g_ok)
+    else:
+        tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None])
+        tl.store(LP + part, lse, mask=g_ok)
+        if FUSED:  # the last split of this (step, mask head) to finish merges all of them
+            tl.debug_barrier()  # every thread's partial is stored before the ticket (acq_rel, GPU scope) is taken
+            if tl.atomic_add(TICKET + bh, 1) == n_splits - 1:
+                _merge_rows(OP, LP, O, LSE, bh * heads_per_mask, heads_per_mask, n_splits, HP, SPLITS, HEAD_DIM)
+                tl.store(TICKET + bh, 0)  # ready for the next call
+
+
+@triton.jit
+def _merge_rows(OP, LP, O, LSE, row0, n_rows, n_splits, HP: tl.constexpr, SPLITS: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Merge the splits' partial outputs of query heads ``row0 .. row0+n_rows-1`` by their log-sum-exp (all
+    splits loaded at once)."""
+    rows = row0 + tl.arange(0, HP)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = (tl.arange(0, HP) < n_rows)[:, None] & (offs_s < n_splits)[None, :]
+    part = rows[:, None] * n_splits + offs_s[None, :]
+    lse = tl.load(LP + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    o = tl.load(OP + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                cache_modifier=".cg")
+    m = tl.max(lse, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe[:, None])
+    total = tl.sum(w, 1)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(o * w[:, :, None], 1) / total_safe[:, None]
+    row_ok = tl.arange(0, HP) < n_rows
+    tl.store(O + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + rows, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total_safe)), mask=row_ok)
 
 
 @triton.jit
@@ -123,13 +163,22 @@ def _pick_splits(n_programs: int, n_tiles: int, n_sms: int, occupancy: int) -> i
     return best
 
 
+@functools.cache
+def _tickets(device: torch.device, n: int) -> Tensor:
+    """Zeroed counters, one per (step, mask head), for the fused merge; each call leaves them zero again.
+    Kept for good (a captured CUDA graph may hold them), so calls on one device must not overlap on two streams."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
 def sparse_decode(q: Tensor, k: Tensor, v: Tensor, layout: DecodeLayout, scale: float,
                   softcap: float | None = None, count: bool = False, splits: int | None = None,
                   pages_per_tile: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                  occupancy: int = 4) -> tuple[Tensor, Tensor, Tensor | None]:
+                  occupancy: int = 4, fuse_splits: int = 16) -> tuple[Tensor, Tensor, Tensor | None]:
     """Decode attention of q [B, Hq, d] over k/v [B, Hk, T, d] (a batch stride of 0 shares one cache).
 
     Returns (output [B, Hq, d] in q's dtype, log-sum-exp [B, Hq] float32, keys read per query head [B, Hq]).
+    Up to ``fuse_splits`` splits, the last split of each (step, mask head) to finish merges the partials (one
+    launch instead of two); more are merged by a second kernel.
     """
     batch, n_heads, head_dim = q.shape
     n_mask = layout.heads
@@ -145,22 +194,29 @@ def sparse_decode(q: Tensor, k: Tensor, v: Tensor, layout: DecodeLayout, scale: 
     tiles_per_split = max(1, -(-n_tiles // n_splits))
     n_splits = max(1, -(-n_tiles // tiles_per_split))
     device = q.device
-    o_part = torch.empty(batch, n_heads, n_splits, head_dim, dtype=torch.float32, device=device)
-    l_part = torch.empty(batch, n_heads, n_splits, dtype=torch.float32, device=device)
-    cnt = torch.zeros(batch, n_heads, n_splits, dtype=torch.int32, device=device) if count else l_part
+    out = torch.empty(batch, n_heads, head_dim, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, n_heads, dtype=torch.float32, device=device)
+    if n_splits > 1:
+        o_part = torch.empty(batch, n_heads, n_splits, head_dim, dtype=torch.float32, device=device)
+        l_part = torch.empty(batch, n_heads, n_splits, dtype=torch.float32, device=device)
+    else:
+        o_part, l_part = out, lse
+    cnt = torch.zeros(batch, n_heads, n_splits, dtype=torch.int32, device=device) if count else lse
+    fused = 1 < n_splits <= fuse_splits
+    tickets = _tickets(device, batch * n_mask) if fused else lse
     pages = layout.pages if layout.pages is not None else layout.count
     q = q if q.stride(-1) == 1 else q.contiguous()
     _decode_split_kernel[(n_splits, n_mask, batch)](
-        q, k, v, o_part, l_part, cnt, pages, layout.count, layout.lo, layout.hi,
+        q, k, v, out, lse, o_part, l_part, cnt, tickets, pages, layout.count, layout.lo, layout.hi,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         pages.stride(0) if layout.pages is not None else 0, pages.stride(1) if layout.pages is not None else 0,
-        n_mask, heads_per_mask, kv_div, tiles_per_split, n_splits, float(scale), float(softcap or 1.0),
+        n_mask, heads_per_mask, kv_div, tiles_per_split, n_splits, pages.shape[-1], float(scale), float(softcap or 1.0),
         PAGE=page, PAGES_PER_TILE=ppt, QP=max(16, triton.next_power_of_2(heads_per_mask)), HEAD_DIM=head_dim,
         DENSE=layout.dense, SOFTCAP=bool(softcap), COUNTING=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
+        SPLIT=n_splits > 1, FUSED=fused, HP=triton.next_power_of_2(heads_per_mask),
+        SPLITS=triton.next_power_of_2(n_splits) if fused else 1, num_warps=num_warps, num_stages=num_stages,
     )
-    out = torch.empty(batch, n_heads, head_dim, dtype=q.dtype, device=device)
-    lse = torch.empty(batch, n_heads, dtype=torch.float32, device=device)
-    _merge_kernel[(batch * n_heads,)](o_part, l_part, out, lse, n_splits, SPLITS=triton.next_power_of_2(n_splits),
-                                      HEAD_DIM=head_dim, num_warps=4)
+    if n_splits > 1 and not fused:
+        _merge_kernel[(batch * n_heads,)](o_part, l_part, out, lse, n_splits,
+                                          SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=head_dim, num_warps=4)
     return out, lse, (cnt.sum(-1) if count else None)

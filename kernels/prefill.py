@@ -1,9 +1,10 @@
 """Sparse prefill attention in Triton: block-sparse and vertical-slash layouts, one kernel.
 
-One program computes one (query head, query block): it walks the layout's full key tiles (no mask), then
-its partial tiles (causal, sequence end, sliding window), then its gathered columns, with an online
-softmax in float32 (bf16/fp16 inputs). K/V are read at ``query head // group``: GQA without repeating
-them. Programs are launched heaviest query block first, so the long causal rows do not trail at the end.
+One program computes one (query head, query block), or a part of its rows (``M_SPLIT``): it walks the
+layout's full key tiles (no mask), then its partial tiles (causal, sequence end, sliding window), then its
+gathered columns, with an online softmax in float32 (bf16/fp16 inputs). K/V are read at
+``query head // group``: GQA without repeating them. Programs are launched heaviest query block first, so
+the long causal rows do not trail at the end.
 """
 
 from __future__ import annotations
@@ -88,17 +89,18 @@ def _sparse_prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SUB: tl.constexpr,
     INDEX_SCALE: tl.constexpr, HAS_END: tl.constexpr, HAS_COLS: tl.constexpr, SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr, COUNT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_C: tl.constexpr,
-    COL_SPLIT: tl.constexpr,
+    COL_SPLIT: tl.constexpr, M_SPLIT: tl.constexpr,
 ):
+    # one program: BLOCK_M rows, 1 / M_SPLIT of a layout query block
     item = tl.load(SCHED + tl.program_id(0))
     h = item // n_local_qblocks
     mb = item % n_local_qblocks
-    qb = qblock0 + mb
+    qb = qblock0 + mb // M_SPLIT
     row = (h // heads_per_mask) * n_layout_qblocks + qb
     kvh = h // group
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos_m = qblock0 * BLOCK_M + offs_m
+    pos_m = qblock0 * BLOCK_M * M_SPLIT + offs_m
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < n_rows
@@ -137,7 +139,13 @@ def _sparse_prefill_kernel(
 
     # partial tiles: causal diagonal, sequence end, sliding window
     n_part = tl.load(PART_N + row)
-    for j in range(0, n_part * SUB):
+    n_sub = n_part * SUB
+    if M_SPLIT > 1:  # skip the last tile's key sub-tiles that start after this program's last row
+        last_row = qblock0 * BLOCK_M * M_SPLIT + mb * BLOCK_M + BLOCK_M - 1
+        last_start = tl.load(PART_I + row * max_part + tl.maximum(n_part - 1, 0)) * INDEX_SCALE
+        seen = tl.where(last_row >= last_start, tl.minimum((last_row - last_start) // BLOCK_N + 1, SUB), 0)
+        n_sub = tl.where(n_part > 0, (n_part - 1) * SUB + seen, 0)
+    for j in range(0, n_sub):
         slot = row * max_part + j // SUB
         start = tl.load(PART_I + slot) * INDEX_SCALE + (j % SUB) * BLOCK_N
         if HAS_END:
@@ -187,15 +195,23 @@ def _sparse_prefill_kernel(
         tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)
 
 
-def _config(block_q: int, tile: int, head_dim: int) -> dict:
+def _config(block_q: int, tile: int, head_dim: int, gathered: bool) -> dict:
     """Tile widths along keys (``BLOCK_N`` for key ranges, ``BLOCK_C`` for gathered columns) and launch
     settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None: K/V tiles through TMA descriptors on
     Hopper and newer GPUs, plain loads elsewhere. ``COL_SPLIT``: gathered columns every row sees run unmasked
-    (faster with 64-row query blocks, slower with 128)."""
+    (faster with 64-row query blocks, slower with 128). ``M_SPLIT``: programs per query block, each of
+    ``block_q / M_SPLIT`` rows. ``gathered``: a vertical-slash layout (key tiles at any start)."""
+    if block_q >= 128 and not gathered:  # 64-key sub-tiles, 4 warps: two programs fit on an SM
+        return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
+                "COL_SPLIT": False, "M_SPLIT": 1}
+    if block_q >= 128 and tile <= 64:  # as two 64-row blocks
+        return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
+                "M_SPLIT": block_q // 64}
     if block_q >= 128:
         return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
-                "COL_SPLIT": False}
-    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True}
+                "COL_SPLIT": False, "M_SPLIT": 1}
+    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
+            "M_SPLIT": 1}
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -211,11 +227,13 @@ def _rows_descriptor(x: Tensor, rows_per_head: int, block_n: int):
     return TensorDescriptor(x, shape=[rows, x.shape[2]], strides=[x.stride(1), 1], block_shape=[block_n, x.shape[2]])
 
 
-def schedule(layout: PrefillLayout, n_heads: int, qblock0: int, n_qblocks: int) -> Tensor:
-    """Program order: (query head, local query block) items, heaviest first (stable, head-major on ties)."""
+def schedule(layout: PrefillLayout, n_heads: int, qblock0: int, n_qblocks: int, m_split: int = 1) -> Tensor:
+    """Program order: (query head, local query block, part of the block) items, heaviest first (stable,
+    head-major on ties)."""
     heads_per_mask = n_heads // layout.heads
     weight = layout.weight()[:, qblock0:qblock0 + n_qblocks].repeat_interleave(heads_per_mask, dim=0)
-    return torch.argsort(weight.flatten(), descending=True, stable=True).to(torch.int32)
+    return torch.argsort(weight.repeat_interleave(m_split, dim=1).flatten(), descending=True,
+                         stable=True).to(torch.int32)
 
 
 def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale: float, q_start: int = 0,
@@ -237,8 +255,8 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {head_dim} is not supported (16, 32, 64, 128 or 256)")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cfg = {**_config(layout.block_q, layout.tile, head_dim), **(config or {})}
-    block_n = cfg.pop("BLOCK_N")
+    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1), **(config or {})}
+    block_n = min(cfg.pop("BLOCK_N"), layout.tile)
     sub = layout.tile // block_n if layout.index_scale > 1 else 1
     if layout.index_scale == 1:
         block_n = layout.tile
@@ -258,9 +276,10 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     out = torch.empty_like(q)
     lse = torch.empty(n_heads, n_rows, dtype=torch.float32, device=device)
     cnt = torch.zeros(n_heads, n_rows, dtype=torch.int32, device=device) if count else lse
-    key = (n_heads, qblock0, n_local, str(device))
+    m_split = cfg.pop("M_SPLIT")
+    key = (n_heads, qblock0, n_local, m_split, str(device))
     if key not in layout.schedules:
-        layout.schedules[key] = schedule(layout, n_heads, qblock0, n_local).to(device)
+        layout.schedules[key] = schedule(layout, n_heads, qblock0, n_local, m_split).to(device)
     order = layout.schedules[key]
     has_cols = layout.col_count is not None
     part_end = layout.part_end if layout.part_end is not None else layout.part_index
@@ -273,12 +292,13 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
         layout.full_count, layout.full_index, layout.part_count, layout.part_index, part_end, col_count, col_index,
         col_seen,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        n_rows, n_keys, qblock0, n_local, layout.n_qblocks, layout.full_index.shape[-1],
+        n_rows, n_keys, qblock0, n_local * m_split, layout.n_qblocks, layout.full_index.shape[-1],
         layout.part_index.shape[-1], col_index.shape[-1],
         n_heads // layout.heads, n_heads // n_kv, kv_rows, float(scale), float(softcap or 1.0),
         int(sliding_window or 0),
-        BLOCK_M=layout.block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, SUB=sub, INDEX_SCALE=layout.index_scale,
+        BLOCK_M=layout.block_q // m_split, BLOCK_N=block_n, HEAD_DIM=head_dim, SUB=sub, INDEX_SCALE=layout.index_scale,
         HAS_END=layout.part_end is not None, HAS_COLS=has_cols, SOFTCAP=bool(softcap), WINDOW=bool(sliding_window),
-        COUNT=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA=tma, COL_SPLIT=col_split, **cfg,
+        COUNT=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA=tma, COL_SPLIT=col_split, M_SPLIT=m_split,
+        **cfg,
     )
     return out, lse, (cnt if count else None)

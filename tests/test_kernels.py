@@ -9,12 +9,13 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
     os.environ["TRITON_INTERPRET"] = "1"
 
 from sparse_frontier.kernels import run_selection  # noqa: E402
-from sparse_frontier.kernels.decode import _pick_splits  # noqa: E402
+from sparse_frontier.kernels.decode import _pick_splits, _tickets, sparse_decode  # noqa: E402
 from sparse_frontier.kernels.flex import flex_block_mask, flex_prefill  # noqa: E402
 from sparse_frontier.kernels.layout import (  # noqa: E402
     block_sparse_layout,
     coarsen,
     layout_cells,
+    page_layout,
     vertical_slash_layout,
 )
 from sparse_frontier.kernels.prefill import sparse_prefill  # noqa: E402
@@ -135,6 +136,23 @@ def test_block_sparse_rows_window_and_softcap():
     check(BlockMask(blocks.to(DEVICE), 64, 64), q, k, v, rows, softcap=4.0, window=50)
 
 
+@pytest.mark.parametrize("block_k,window", [(128, None), (64, None), (128, 90)])
+def test_block_sparse_query_blocks_split_in_two_programs(block_k, window):
+    # M_SPLIT 2: 64-row programs over 128-row blocks; the upper half skips the diagonal tile's later keys
+    n = 300
+    q, k, v = inputs(4, 2, n, seed=16)
+    rows = torch.arange(n, device=DEVICE)
+    gen = torch.Generator().manual_seed(17)
+    sel = BlockMask((torch.rand(2, 3, -(-n // block_k), generator=gen) < 0.6).to(DEVICE), 128, block_k)
+    layout = block_sparse_layout(sel, n, sliding_window=window)
+    for config in ({"M_SPLIT": 2}, {"M_SPLIT": 2, "BLOCK_N": 128}):
+        out, _, cells = sparse_prefill(q, k, v, layout, 0.3, sliding_window=window, count=True, config=config)
+        mask = sel.mask(rows, n)
+        want = masked_attention(q, k, v, rows, 0.3, mask, None, window)[0]
+        assert (out.float() - want).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
+        assert torch.equal(cells.long(), (expand_heads(mask, 4) & visible(rows, n, window)[None]).sum(-1))
+
+
 @pytest.mark.parametrize("block_n", [64, 128])
 def test_tma_path_over_a_key_slice_of_a_longer_cache(block_n):
     # Hopper path: K/V tiles read through TMA descriptors; tiles running past the slice read masked rows
@@ -194,15 +212,16 @@ def test_vertical_slash_many_columns_seen_by_whole_blocks(block):
                         offsets=[torch.cat([torch.arange(64), torch.randint(0, n, (3,), generator=gen)])
                                  for _ in range(2)], block=block)
     layout = vertical_slash_layout(sel, n)
-    assert layout.tile == block
+    assert layout.tile == 64
     r0 = torch.arange(layout.n_qblocks) * block
     seen = torch.arange(layout.col_index.shape[-1]) < layout.col_seen[..., None]
     assert (layout.col_index[seen] <= r0[None, :, None].expand_as(seen)[seen]).all()  # a prefix every row sees
     assert int(layout.col_seen.max()) >= 128
     check(sel, q, k, v, torch.arange(n))
     run = run_selection(sel, q, k, v, torch.arange(n), 0.3, backend="triton")
-    split = sparse_prefill(q, k, v, layout, 0.3, config={"COL_SPLIT": block == 128, "BLOCK_C": 128})[0]
-    assert (split.float() - run.out.float()).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
+    for config in ({"COL_SPLIT": True, "BLOCK_C": 128}, {"COL_SPLIT": False}):  # 128-column tiles; all masked
+        other = sparse_prefill(q, k, v, layout.to(DEVICE), 0.3, config=config)[0]
+        assert (other.float() - run.out.float()).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
 
 
 def test_vertical_slash_gqa_group_four_window_and_rows():
@@ -236,6 +255,24 @@ def test_sparse_decode_all_pages_window_and_tokens():
     check(PageSet(rows, all_pages, page_size=32), q, k, v, rows, window=70)
     tokens = torch.randint(0, n, (1, 2, 40), generator=torch.Generator().manual_seed(10))
     check(TokenSet(rows, tokens), q, k, v, rows)
+
+
+def test_decode_merge_in_the_last_split_equals_the_merge_kernel():
+    # the last split of each (step, mask head) merges the partials (a ticket counter, left at zero for the
+    # next call), or a second kernel does when there are more splits than fuse_splits
+    n, steps = 400, 3
+    q, k, v = inputs(4, 2, n, seed=18)
+    rows = torch.tensor([150, 300, 399], device=DEVICE)
+    pages = torch.randint(0, 25, (2, steps, 20), generator=torch.Generator().manual_seed(19)).to(DEVICE)
+    layout = page_layout(PageSet(rows, pages, page_size=16), rows, n)
+    args = (q[:, rows].transpose(0, 1).contiguous(), k[None].expand(steps, -1, -1, -1),
+            v[None].expand(steps, -1, -1, -1), layout, 0.3)
+    want, want_lse, want_cells = sparse_decode(*args, splits=5, fuse_splits=0, count=True)
+    for _ in range(2):
+        out, lse, cells = sparse_decode(*args, splits=5, count=True)
+        assert (out.float() - want.float()).abs().max().item() <= 1e-3
+        assert torch.allclose(lse, want_lse, atol=1e-5) and torch.equal(cells, want_cells)
+    assert not _tickets(q.device, steps * 2).any()
 
 
 def test_decode_splits_fill_whole_waves():
