@@ -113,9 +113,10 @@ def sdpa_times(q, k, v) -> tuple[float, float]:
     return flash, default
 
 
-def random_block_mask(n_blocks: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """Per (query head, query block): the diagonal plus random causal blocks, ``fraction`` of the causal ones."""
-    score = torch.rand(HQ, n_blocks, n_blocks, generator=gen, device=DEVICE)
+def random_block_mask(n_blocks: int, fraction: float, gen: torch.Generator, heads: int | None = None) -> torch.Tensor:
+    """Per (mask head, query block): the diagonal plus random causal blocks, ``fraction`` of the causal ones.
+    ``heads``: the query heads (default) or the KV heads (one mask shared by a GQA group)."""
+    score = torch.rand(heads or HQ, n_blocks, n_blocks, generator=gen, device=DEVICE)
     idx = torch.arange(n_blocks, device=DEVICE)
     score[:, idx, idx] = 2.0  # the diagonal always
     score = score.masked_fill(idx[None, :] > idx[:, None], -1.0)
@@ -124,8 +125,9 @@ def random_block_mask(n_blocks: int, fraction: float, gen: torch.Generator) -> t
     return rank < keep_n[None, :, None]
 
 
-def block_sparse_section(lengths, fractions, block, config, results, log):
-    """Block-sparse prefill vs SDPA causal and FlexAttention with the identical BlockMask."""
+def block_sparse_section(lengths, fractions, block, config, results, log, mask_heads: str = "query"):
+    """Block-sparse prefill vs SDPA causal and FlexAttention with the identical BlockMask, masks per query head
+    or (``mask_heads`` "kv") per KV head, shared by its GQA group."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from sparse_frontier.kernels.flex import flex_block_mask_from_layout, flex_prefill
@@ -142,13 +144,14 @@ def block_sparse_section(lengths, fractions, block, config, results, log):
         log(f"[block] n={n} sdpa flash {t_flash * 1e3:.2f} ms default {t_default * 1e3:.2f} ms, best "
             f"{4 * D * causal_cells / t_sdpa / 1e12:.0f} TFLOP/s")
         for fraction in fractions:
-            row = {"n": n, "fraction": fraction, "block": block, "sdpa_ms": t_sdpa * 1e3,
+            row = {"n": n, "fraction": fraction, "block": block, "mask_heads": mask_heads, "sdpa_ms": t_sdpa * 1e3,
                    "sdpa_flash_ms": t_flash * 1e3, "sdpa_default_ms": t_default * 1e3,
                    "sdpa_tflops": 4 * D * causal_cells / t_sdpa / 1e12}
             try:
-                blocks = random_block_mask(-(-n // block), fraction, gen)
+                blocks = random_block_mask(-(-n // block), fraction, gen, HKV if mask_heads == "kv" else HQ)
                 layout = block_sparse_layout(BlockMask(blocks, block, block), n)
-                cells = float(layout_cells(layout, torch.arange(n, device=DEVICE)).sum())
+                # cells per mask head, times the query heads each mask serves
+                cells = float(layout_cells(layout, torch.arange(n, device=DEVICE)).sum()) * HQ / blocks.shape[0]
                 t_ours = bench(partial(sparse_prefill, q, k, v, layout, SCALE, config=config))
                 ours = sparse_prefill(q, k, v, layout, SCALE, config=config)[0]
                 row.update(kept=cells / causal_cells, ideal=causal_cells / cells, ours_ms=t_ours * 1e3,
@@ -347,8 +350,9 @@ def markdown(results: dict) -> str:
     lines = [f"GPU: {results['gpu']}; torch {results['torch']}, triton {results['triton']}; "
              f"Hq={HQ}, Hkv={HKV}, d={D}, bf16; configs: block-sparse {results.get('config')}, "
              f"vertical-slash {results.get('vs_config')}, decode {results.get('decode_config')}", ""]
-    lines += ["Block-sparse prefill (block 128; kept = fraction of causal cells; SDPA = the faster of its flash "
-              "path and its default backend):", "",
+    heads = {r.get("mask_heads", "query") for r in results["block_sparse"]}
+    lines += [f"Block-sparse prefill (block 128; masks per {' / '.join(sorted(heads))} head; kept = fraction of "
+              "causal cells; SDPA = the faster of its flash path and its default backend):", "",
               "| tokens | kept | SDPA flash ms | SDPA default ms | ours ms | Flex ms | ours vs SDPA | Flex vs SDPA "
               "| ideal | ours vs Flex | ours TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["block_sparse"]:
@@ -394,6 +398,8 @@ def main() -> None:
     parser.add_argument("--decode-fractions", type=float, nargs="+", default=[1 / 8, 1 / 16])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--sections", nargs="+", default=["tune", "block", "vs", "decode"])
+    parser.add_argument("--mask-heads", choices=["query", "kv"], default="query",
+                        help="block-sparse masks per query head, or per KV head shared by its GQA group")
     parser.add_argument("--out", default="kernels.json")
     parser.add_argument("--markdown", default="kernels.md")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (script check)")
@@ -429,7 +435,7 @@ def main() -> None:
         decode_config = tune_decode_section(cases, decode_configs, results, log)
         results.update(config=config, vs_config=vs_config, decode_config=decode_config)
     if "block" in args.sections:
-        block_sparse_section(args.lengths, args.fractions, 128, config, results, log)
+        block_sparse_section(args.lengths, args.fractions, 128, config, results, log, args.mask_heads)
     if "vs" in args.sections:
         vertical_slash_section(args.lengths, args.sparsities, args.vs_blocks, vs_config, results, log)
     if "decode" in args.sections:
