@@ -68,10 +68,12 @@ def main() -> None:
     captured = capture(backend, instance.input_ids, trace, generate=instance.max_new_tokens, task=instance,
                        device=args.device)
     capture_s = time.perf_counter() - t
+    print(f"  capture: {capture_s:.1f} s", flush=True)
     t = time.perf_counter()
     settings = Settings(policies=[Spec(p) for p in policies], sparsities=sparsities, device=args.device)
     run_sweep([trace], settings, args.out / "results")
     simulate_s = time.perf_counter() - t
+    print(f"  simulate: {simulate_s:.1f} s", flush=True)
     simulated = load_parts(args.out / "results")
 
     configs = [e2e.Config(p, s) for p in policies for s in sparsities]

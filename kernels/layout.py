@@ -95,11 +95,15 @@ class PrefillLayout:
         return w
 
 
+class UnsupportedSelection(ValueError):
+    """A valid Selection no kernel runs as it stands (its block sizes, or its kind); the torch reference can."""
+
+
 def block_sparse_layout(sel: BlockMask, n_keys: int, sliding_window: int | None = None) -> PrefillLayout:
     """FlexAttention-style layout of a block Selection, at the Selection's own block sizes (64 or 128)."""
     for name, size in (("block_q", sel.block_q), ("block_k", sel.block_k)):
         if size not in KERNEL_BLOCKS:
-            raise ValueError(
+            raise UnsupportedSelection(
                 f"block-sparse kernel runs blocks of {KERNEL_BLOCKS}, but the selection's {name} is {size}: "
                 "set the policy's block size to 64 or 128, or coarsen the selection explicitly "
                 "(sparse_frontier.kernels.layout.coarsen)")
@@ -157,7 +161,7 @@ def vertical_slash_layout(sel: VerticalSlash, n_keys: int, tile: int | None = No
     kernel runs 128-row blocks as two 64-row programs, faster on an H200), plus the kept columns those ranges
     do not already cover."""
     if sel.block not in KERNEL_BLOCKS:
-        raise ValueError(f"vertical-slash kernel runs query blocks of {KERNEL_BLOCKS}, not {sel.block}")
+        raise UnsupportedSelection(f"vertical-slash kernel runs query blocks of {KERNEL_BLOCKS}, not {sel.block}")
     device = sel.offsets[0].device if sel.heads else torch.device("cpu")
     block = sel.block
     tile = tile or 64

@@ -1,7 +1,8 @@
 """One entry point: run a Selection through the kernel its ``kernel`` name asks for.
 
-On CUDA (or under ``TRITON_INTERPRET=1``) the Triton kernels run; elsewhere the torch reference over the
-Selection's dense mask is the CPU fallback. Both return the same :class:`KernelRun`.
+On CUDA (or under ``TRITON_INTERPRET=1``) the Triton kernels run; elsewhere, and for Selections no kernel runs
+as they stand (e.g. 16-token blocks), the torch reference over the Selection's dense mask is the fallback. Both
+return the same :class:`KernelRun`, which names the backend that ran.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sparse_frontier.policies.selection import (
 from .layout import (
     DecodeLayout,
     PrefillLayout,
+    UnsupportedSelection,
     block_sparse_layout,
     cdiv,
     compact_kept,
@@ -99,7 +101,7 @@ def prepare(selection: Selection, rows: Tensor, k: Tensor, v: Tensor,
             k_c, v_c, layout = compact_kept(_on(selection, device), k, v, rows, sliding_window=sliding_window)
             return Prepared("decode", rows, decode=layout, compacted=(k_c, v_c))
         raise ValueError(f"{type(selection).__name__} is not a decode selection")
-    raise ValueError(f"no kernel runs selections of kind {selection.kernel!r}")
+    raise UnsupportedSelection(f"no kernel runs selections of kind {selection.kernel!r}")
 
 
 def launch(prepared: Prepared, q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float | None = None,
@@ -126,7 +128,8 @@ def run_selection(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: T
                   count: bool = False) -> KernelRun:
     """Attention of q [Hq, R, d] at positions ``rows`` over k/v [Hkv, T, d], computing the cells of ``selection``.
 
-    ``backend``: "triton", "torch" (reference over the dense mask) or "auto" (Triton where it can run).
+    ``backend``: "triton", "torch" (reference over the dense mask) or "auto" (Triton where it can run: on its
+    devices, for float16 / bfloat16 inputs and Selections a kernel runs as they stand; the reference otherwise).
     ``count`` also returns the cells computed per row, counted by the kernel itself.
     """
     rows = rows.to(q.device).long()
@@ -137,7 +140,14 @@ def run_selection(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: T
     if len(rows) and int(rows[-1]) >= k.shape[1]:
         raise ValueError(f"query position {int(rows[-1])} has no key (only {k.shape[1]} keys)")
     if backend == "auto":
-        backend = "triton" if triton_available(q.device) else "torch"
+        if triton_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+            try:
+                prepared = prepare(selection, rows, k, v, sliding_window)
+            except UnsupportedSelection:
+                prepared = None
+            if prepared is not None:
+                return launch(prepared, q, k, v, scale, softcap, sliding_window, count)
+        backend = "torch"
     if backend == "torch":
         return _torch_run(selection, q, k, v, rows, scale, softcap, sliding_window, count)
     if backend != "triton":
@@ -149,8 +159,8 @@ def run_selection(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: T
 
 def _torch_run(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, scale: float,
                softcap: float | None, sliding_window: int | None, count: bool) -> KernelRun:
-    """The CPU fallback: masked dense attention over the Selection's mask."""
-    mask = selection.mask(rows, k.shape[1])
+    """The fallback: masked dense attention over the Selection's mask (the Selection moved to q's device)."""
+    mask = _on(selection, q.device).mask(rows, k.shape[1])
     out, lse = masked_attention(q, k, v, rows, scale, mask, softcap, sliding_window)
     cells = None
     if count:
@@ -186,4 +196,8 @@ def _on(selection: Selection, device: torch.device) -> Selection:
                              selection.block)
     if isinstance(selection, KeptKeys):
         return KeptKeys(selection.kept.to(device))
+    if isinstance(selection, PageSet):
+        return PageSet(selection.rows.to(device), selection.pages.to(device), selection.page_size)
+    if isinstance(selection, TokenSet):
+        return TokenSet(selection.rows.to(device), selection.indices.to(device))
     return selection

@@ -307,8 +307,9 @@ def test_eval_sweep_writes_keyed_parquet_and_resumes(tiny_model_folder, tmp_path
     assert len(parts) == 2  # one part per sample
     frame = pd.concat([pd.read_parquet(p) for p in parts])
     for column in ("model", "task", "length", "seed", "policy", "phase", "params", "budget_rule", "sparsity",
-                   "score", "answer", "reference", "realised_sparsity"):
+                   "score", "answer", "reference", "realised_sparsity", "backend"):
         assert column in frame.columns
+    assert set(frame["backend"]) == {"torch"}  # on CPU the policies' attention runs through torch
     assert len(frame) == 2 * 2 * 2 and set(frame["seed"]) == {0, 1} and set(frame["length"]) == {600}
     assert set(frame["phase"]) == {"prefill", "decode"}
     assert frame["score"].between(0, 1).all()

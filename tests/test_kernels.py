@@ -12,6 +12,7 @@ from sparse_frontier.kernels import run_selection  # noqa: E402
 from sparse_frontier.kernels.decode import _pick_splits, _tickets, sparse_decode  # noqa: E402
 from sparse_frontier.kernels.flex import flex_block_mask, flex_prefill  # noqa: E402
 from sparse_frontier.kernels.layout import (  # noqa: E402
+    UnsupportedSelection,
     block_sparse_layout,
     coarsen,
     layout_cells,
@@ -151,6 +152,26 @@ def test_block_sparse_query_blocks_split_in_two_programs(block_k, window):
         want = masked_attention(q, k, v, rows, 0.3, mask, None, window)[0]
         assert (out.float() - want).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
         assert torch.equal(cells.long(), (expand_heads(mask, 4) & visible(rows, n, window)[None]).sum(-1))
+
+
+def test_auto_backend_runs_what_no_kernel_runs_through_the_reference():
+    # 16-token blocks (block_sparse's default) and float32 inputs have no kernel: "auto" falls back to the
+    # reference instead of failing; 64-token blocks in float16 run on the kernel; "triton" still refuses
+    n = 200
+    q, k, v = inputs(4, 2, n, seed=20)
+    rows = torch.arange(n, device=DEVICE)
+    gen = torch.Generator().manual_seed(21)
+    for block, dtype, backend in ((16, torch.float16, "torch"), (64, torch.float32, "torch"),
+                                  (64, torch.float16, "triton")):
+        sel = BlockMask((torch.rand(2, -(-n // block), -(-n // block), generator=gen) < 0.5).to(DEVICE), block, block)
+        qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+        run = run_selection(sel, qd, kd, vd, rows, 0.3, count=True)
+        want = masked_attention(qd, kd, vd, rows, 0.3, sel.mask(rows, n))[0]
+        assert run.backend == backend
+        assert (run.out.float() - want).abs().max().item() <= TOL[torch.float16] * v.abs().max().item()
+    with pytest.raises(UnsupportedSelection, match="16"):
+        run_selection(BlockMask(torch.ones(2, 13, 13, dtype=torch.bool, device=DEVICE), 16, 16), q, k, v, rows, 0.3,
+                      backend="triton")
 
 
 @pytest.mark.parametrize("block_n", [64, 128])
@@ -326,3 +347,19 @@ def test_gpu_kernels_at_realistic_shapes():
     assert (out - want).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
     rows = torch.tensor([n - 1])
     check(PageSet(rows, torch.randint(0, n // 16, (8, 1, 16), generator=gen), 16), q, k, v, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fallback_takes_selections_built_on_the_cpu():
+    # policies build some Selections on the CPU; the reference fallback on a CUDA q must move them over
+    n = 300
+    q, k, v = inputs(4, 2, n, dtype=torch.bfloat16)
+    rows = torch.arange(n, device=DEVICE)
+    blocks = torch.rand(2, 19, 19, generator=torch.Generator().manual_seed(22)) < 0.5
+    pages = PageSet(torch.tensor([n - 1]), torch.tensor([[[0, 3, 18]], [[1, 2, 18]]]), page_size=16)
+    for sel, at in ((BlockMask(blocks, 16, 16), rows), (pages, rows[-1:])):
+        run = run_selection(sel, q[:, at], k, v, at, 0.3)
+        want = masked_attention(q[:, at], k, v, at, 0.3, sel.mask(at.cpu(), n).to(DEVICE))[0]
+        assert run.backend == ("torch" if isinstance(sel, BlockMask) else "triton")
+        assert (run.out.float() - want).abs().max().item() <= TOL[torch.bfloat16] * v.abs().max().item()

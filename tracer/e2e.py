@@ -123,16 +123,18 @@ class LayerCache:
 
 
 def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, scale: float,
-           softcap: float | None = None, window: int | None = None) -> tuple[Tensor, int]:
-    """Attention [Hq, R, d] of q at ``rows`` over the cells of ``selection``, and the number of cells computed.
+           softcap: float | None = None, window: int | None = None) -> tuple[Tensor, int, str]:
+    """Attention [Hq, R, d] of q at ``rows`` over the cells of ``selection``, the number of cells computed, and the
+    backend that ran ("triton" or "torch").
 
-    On GPU one call to ``kernels.run_selection`` (the Triton kernel the Selection names). On CPU the Selection's
+    On GPU one call to ``kernels.run_selection`` (the Triton kernel the Selection names; the torch reference for a
+    Selection no kernel runs as it stands, such as 16-token blocks). On CPU the Selection's
     mask (causal and sliding window applied) is computed with torch's fused SDPA, ``ROW_CHUNK`` rows at a time;
     layers with a logit soft-cap, which SDPA lacks, go through the torch reference of ``kernels/reference``.
     """
     if q.is_cuda:
         run = run_selection(selection, q, k, v, rows, scale, softcap, window, count=True)
-        return run.out, int(run.cells.sum())
+        return run.out, int(run.cells.sum()), run.backend
     n_q = q.shape[0]
     dense = isinstance(selection, Dense)
     if dense and not window and not softcap and (len(rows) == 1 or bool((rows == torch.arange(len(rows))).all())):
@@ -140,7 +142,7 @@ def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, 
         n = int(rows[-1]) + 1
         out = F.scaled_dot_product_attention(q[None], k[None, :, :n], v[None, :, :n], is_causal=len(rows) > 1,
                                              scale=scale, enable_gqa=True)[0]  # 4-D: SDPA's fused CPU kernel
-        return out, n_q * _visible_cells(rows, n, None)
+        return out, n_q * _visible_cells(rows, n, None), "torch"
     outs, cells = [], 0
     for start in range(0, len(rows), ROW_CHUNK):
         part = rows[start : start + ROW_CHUNK]
@@ -159,7 +161,7 @@ def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, 
                                              scale=scale, enable_gqa=True)[0]
         outs.append(out.nan_to_num(0.0))  # a row with no cell selected outputs zeros, as the reference does
         cells += int(allowed.sum())
-    return torch.cat(outs, dim=1), cells
+    return torch.cat(outs, dim=1), cells, "torch"
 
 
 def _visible_cells(rows: Tensor, n_keys: int, window: int | None) -> int:
@@ -172,10 +174,12 @@ def _visible_cells(rows: Tensor, n_keys: int, window: int | None) -> int:
 
 @dataclass
 class RunStats:
-    """Cells computed vs. visible cells (per query head) where the policy applied: the realised sparsity."""
+    """Cells computed vs. visible cells (per query head) where the policy applied: the realised sparsity; and
+    the backends that computed them."""
 
     computed: int = 0
     total: int = 0
+    backends: set[str] = field(default_factory=set)
 
     @property
     def realised_sparsity(self) -> float:
@@ -245,8 +249,8 @@ class SparseRun:
         view = LayerView(q=q, k=k, v=v, q_positions=rows, prefill_len=n, scale=scale, rows=rows,
                          softcap=softcap, sliding_window=window, layer=layer)
         selection = self.policy.select(view, self._budget(layer, view))
-        out, cells = attend(selection, q, k, v, rows, scale, softcap, window)
-        self._count(cells, _visible_cells(rows, n, window), q.shape[0])
+        out, cells, backend = attend(selection, q, k, v, rows, scale, softcap, window)
+        self._count(cells, _visible_cells(rows, n, window), q.shape[0], backend)
         return out
 
     def _decode(self, layer: int, cache: LayerCache, q: Tensor, k: Tensor, v: Tensor, position: int,
@@ -265,8 +269,8 @@ class SparseRun:
         if isinstance(selection, KeptKeys):
             cache.evict(selection.kept[:, : self.prompt_len])
             return self._compacted(cache, q, position, scale, softcap, window)
-        out, cells = attend(selection, q, cache.k[:, :n], cache.v[:, :n], rows, scale, softcap, window)
-        self._count(cells, _visible_cells(rows, n, window), q.shape[0])
+        out, cells, backend = attend(selection, q, cache.k[:, :n], cache.v[:, :n], rows, scale, softcap, window)
+        self._count(cells, _visible_cells(rows, n, window), q.shape[0], backend)
         return out
 
     def _compacted(self, cache: LayerCache, q: Tensor, position: int, scale: float, softcap: float | None,
@@ -282,8 +286,8 @@ class SparseRun:
             held = held & (cache.positions[:, :n] > position - window)
         index = torch.where(held, torch.arange(n, device=q.device), -1)[:, None, :]
         last = torch.tensor([n - 1], device=q.device)
-        out, cells = attend(TokenSet(last, index), q, cache.k[:, :n], cache.v[:, :n], last, scale, softcap)
-        self._count(cells, _visible_cells(torch.tensor([position]), position + 1, window), q.shape[0])
+        out, cells, backend = attend(TokenSet(last, index), q, cache.k[:, :n], cache.v[:, :n], last, scale, softcap)
+        self._count(cells, _visible_cells(torch.tensor([position]), position + 1, window), q.shape[0], backend)
         return out
 
     def _budget(self, layer: int, view: LayerView) -> Budget:
@@ -292,9 +296,10 @@ class SparseRun:
             self.budgets[layer] = self.rule.budget(view, self.sparsity)
         return self.budgets[layer]
 
-    def _count(self, cells: int, visible_per_head: int, n_q_heads: int) -> None:
+    def _count(self, cells: int, visible_per_head: int, n_q_heads: int, backend: str) -> None:
         self.stats.computed += cells
         self.stats.total += visible_per_head * n_q_heads
+        self.stats.backends.add(backend)
 
 
 def sparse_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float,
@@ -468,7 +473,8 @@ def run_sample(backend, instance, configs: list[Config], on_config: Callable[[],
             "phase": policy.phase, "params": params_json(policy), "budget_rule": config.rule_label,
             "sparsity": float(config.sparsity), "score": float(instance.score(text)),
             "answer": _jsonable(instance.extract(text)), "reference": _jsonable(instance.reference),
-            "realised_sparsity": gen.run.stats.realised_sparsity, "n_prompt": len(instance.input_ids),
+            "realised_sparsity": gen.run.stats.realised_sparsity, "backend": "+".join(sorted(gen.run.stats.backends)),
+            "n_prompt": len(instance.input_ids),
             "n_generated": len(gen.tokens), "output": text, "seconds": time.perf_counter() - start,
         })
         if on_config:
