@@ -29,33 +29,21 @@ def _zeros(*shape: int, device: torch.device | str = "cpu") -> Tensor:
 
 
 class ProbsBuffer:
-    """Output memory :func:`true_attention` reuses from call to call, for a caller done with each result before
-    the next call (which overwrites it).
+    """Output memory :func:`true_attention` reuses for calls over the same rows, sliding window and row blocks
+    (a layer's KV groups), for a caller done with each result before the next call (which overwrites it).
 
-    Allocated once per shape; it remembers the keys each row's last call wrote, so a call zeroes only the cells
-    the previous one wrote and this one does not, instead of writing a fresh zeroed array (100 MB per KV group
-    at 8K keys, half of it zeros) each time.
+    Such a call writes exactly the cells the previous one wrote, so the zeros around them stay valid and no fresh
+    zeroed array (100 MB per KV group at 8K keys, half of it zeros) is needed; any other call gets a fresh one.
     """
 
     def __init__(self):
         self.probs: Tensor | None = None
-        self.written: list[tuple[int, int]] = []  # per row: the key range [lo, hi) the last call wrote
+        self.key: tuple | None = None
 
-    def take(self, shape: tuple[int, int, int], device: torch.device) -> Tensor:
-        if self.probs is None or self.probs.shape != shape or self.probs.device != device:
-            self.probs = _zeros(*shape, device=device)
-            self.written = [(0, 0)] * shape[1]
+    def take(self, key: tuple, shape: tuple[int, int, int], device: torch.device) -> Tensor:
+        if key != self.key:
+            self.probs, self.key = _zeros(*shape, device=device), key
         return self.probs
-
-    def clear_outside(self, start: int, stop: int, lo: int, hi: int) -> None:
-        """Zero what the last call wrote in rows start:stop outside keys lo:hi; record lo:hi as written."""
-        old_lo = min(a for a, _ in self.written[start:stop])
-        old_hi = max(b for _, b in self.written[start:stop])
-        if old_hi > hi:
-            self.probs[:, start:stop, hi:old_hi].zero_()
-        if old_lo < lo:
-            self.probs[:, start:stop, old_lo:lo].zero_()
-        self.written[start:stop] = [(lo, hi)] * (stop - start)
 
 
 def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: float | None = None,
@@ -69,11 +57,14 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
     n_heads, n_rows, n_keys = q.shape[0], len(rows), k.shape[1]
     n_kv, group = k.shape[0], n_heads // k.shape[0]
     shape = (n_heads, n_rows, n_keys)
-    probs = out.take(shape, q.device) if out is not None else _zeros(*shape, device=q.device)
+    at = rows.tolist()
+    if out is not None:
+        probs = out.take((shape, str(q.device), tuple(at), sliding_window, row_block), shape, q.device)
+    else:
+        probs = _zeros(*shape, device=q.device)
     q, k = q.float(), k.float()
     # each block: its rows start:stop see keys lo:hi; keys before cut are visible to all of them unless a window
     # cuts them (then cut = lo), so only keys cut:hi need a mask
-    at = rows.tolist()
     blocks = []
     for start in range(0, n_rows, row_block):
         stop = min(start + row_block, n_rows)
@@ -85,8 +76,6 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
     hidden = ~visible(rows - cuts, max((hi - cut for *_, hi, cut in blocks), default=0), sliding_window)
 
     for start, stop, lo, hi, cut in blocks:
-        if out is not None:
-            out.clear_outside(start, stop, lo, hi)
         for h in range(n_kv):
             heads = slice(h * group, (h + 1) * group)
             # one matrix product for the group's heads: their rows against the shared keys

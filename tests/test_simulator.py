@@ -95,8 +95,8 @@ def test_true_attention_equals_the_reference(softcap, window):
 
 
 def test_true_attention_in_a_reused_buffer_is_exact():
-    """A reused ProbsBuffer holds exactly a fresh result after calls that wrote other cells (later rows, wider
-    windows, other row blocks)."""
+    """A ProbsBuffer holds exactly a fresh result, whether the call before wrote other cells (other rows, windows,
+    row blocks) or the same ones for other heads (reused memory)."""
     gen = torch.Generator().manual_seed(2)
     q, k = torch.randn(4, 90, 8, generator=gen) * 2, torch.randn(2, 90, 8, generator=gen) * 2
     late, early = torch.tensor([0, 3, 17, 40, 41, 70, 89]), torch.tensor([5, 6, 30, 50, 60, 61, 62])
@@ -105,6 +105,10 @@ def test_true_attention_in_a_reused_buffer_is_exact():
         want = true_attention(q[:, rows], k, rows, 0.35, 4.0, window, row_block=block)
         got = true_attention(q[:, rows], k, rows, 0.35, 4.0, window, row_block=block, out=buffer)
         assert got is buffer.probs and torch.equal(got, want)
+        memory = got.data_ptr()  # other heads over the same rows reuse it
+        other = (q.flip(0)[:, rows], k.flip(0), rows, 0.35, 4.0, window)
+        again = true_attention(*other, row_block=block, out=buffer)
+        assert again.data_ptr() == memory and torch.equal(again, true_attention(*other, row_block=block))
 
 
 # ---------------------------------------------------------------- scoring each Selection kind
