@@ -96,7 +96,8 @@ def prepare(selection: Selection, rows: Tensor, k: Tensor, v: Tensor,
         return Prepared("prefill", rows, prefill=layout.to(device))
     if selection.kernel in DECODE_KERNELS:
         if isinstance(selection, (PageSet, TokenSet)):
-            return Prepared("decode", rows, decode=page_layout(selection, rows, n_keys, sliding_window).to(device))
+            layout = page_layout(_on(selection, device), rows, n_keys, sliding_window)
+            return Prepared("decode", rows, decode=layout.to(device))
         if isinstance(selection, KeptKeys):
             k_c, v_c, layout = compact_kept(_on(selection, device), k, v, rows, sliding_window=sliding_window)
             return Prepared("decode", rows, decode=layout, compacted=(k_c, v_c))

@@ -206,55 +206,49 @@ def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor,
     and their masks on the error rows ``rows[error_index]``.
 
     ``data [F, R, T]``; every selection has F heads or one (shared). Rows are grouped by query block; per
-    block, one matrix product of the block's rows (and, for the counts, their causal indicators) with the
-    stacked key masks of all selections. Returns recall [S, F, R], cells [S, F, R] and masks [S, F, M, T]
-    (each None when not asked for; a shared selection's cells and masks have one head).
+    block, one batched matrix product of the block's rows with the stacked key masks of all selections (per
+    head, or one for all), and the cells as a running count of those masks. Returns recall [S, F, R], cells
+    [S, F, R] and masks [S, F, M, T] (each None when not asked for; a shared selection's cells and masks have
+    one head).
     """
     b, n_sel, n_heads, device = sels[0].block, len(sels), data.shape[0], data.device
     blocks, sizes = torch.unique_consecutive(rows // b, return_counts=True)
     starts = (blocks * b).tolist()
     lasts = torch.cumsum(sizes, 0).tolist()
     firsts = [0, *lasts[:-1]]
-    shared = all(sel.heads == 1 for sel in sels)
-    variants = [0] if shared else list(range(n_heads))
-    n_rows = n_heads if shared else 1  # value rows per scored row in one product
+    n_var = 1 if all(sel.heads == 1 for sel in sels) else n_heads  # key masks per block: shared, or per head
     mass = torch.zeros(n_sel, n_heads, len(rows), device=device)
-    cells = torch.zeros(n_sel, len(variants), len(rows), device=device) if counts else None
+    cells = torch.zeros(n_sel, n_var, len(rows), device=device) if counts else None
     masks = err_at = None
     if error_index is not None:
-        masks = torch.zeros(n_sel, len(variants), len(error_index), n_keys, dtype=torch.bool, device=device)
+        masks = torch.zeros(n_sel, n_var, len(error_index), n_keys, dtype=torch.bool, device=device)
         in_block = torch.bucketize(error_index, torch.tensor(lasts, device=device), right=True).tolist()
         err_at = {}  # block -> (indices into the error rows, their positions)
         for m, blk in enumerate(in_block):
             err_at.setdefault(blk, []).append(m)
         err_at = {blk: (torch.tensor(ms, device=device), rows[error_index[ms]]) for blk, ms in err_at.items()}
     keys_at = torch.arange(n_keys, device=device)
-    per_chunk = max(1, chunk_bytes // (n_keys * n_sel))
-    for v in variants:
-        heads = slice(None) if shared else slice(v, v + 1)
-        for c0 in range(0, len(starts), per_chunk):
-            chunk = starts[c0 : c0 + per_chunk]
-            width = min(chunk[-1] + b, n_keys)  # keys any row of the chunk can see
-            chunk_starts = torch.tensor(chunk, device=device)
-            keys = torch.stack([sel.block_keys(0 if sel.heads == 1 else v, chunk_starts, n_keys)[:, :width]
-                                for sel in sels])  # [S, blocks, keys] bool
-            for i, r0 in enumerate(chunk):
-                blk, hi = c0 + i, min(r0 + b, n_keys)
-                first, last = firsts[blk], lasts[blk]
-                block_keys = keys[:, i, :hi].float()  # [S, hi]
-                values = data[heads, first:last, :hi].reshape(-1, hi)
-                if counts:
-                    seen = (keys_at[None, :hi] <= rows[first:last, None]).float()
-                    values = torch.cat([values, seen])
-                got = (values @ block_keys.T).T  # [S, rows of values]
-                n = last - first
-                mass[:, heads, first:last] = got[:, : n_rows * n].view(n_sel, n_rows, n)
-                if counts:
-                    cells[:, v, first:last] = got[:, n_rows * n :]
-                if err_at is not None and blk in err_at:
-                    ms, pos = err_at[blk]
-                    seen_err = keys_at[None, None, :hi] <= pos[None, :, None]
-                    masks[:, v, ms, :hi] = (block_keys[:, None, :] > 0) & seen_err
+    per_chunk = max(1, chunk_bytes // (n_keys * n_sel * n_var))
+    for c0 in range(0, len(starts), per_chunk):
+        chunk = starts[c0 : c0 + per_chunk]
+        width = min(chunk[-1] + b, n_keys)  # keys any row of the chunk can see
+        chunk_starts = torch.tensor(chunk, device=device)
+        keys = torch.stack([sel.block_keys(0 if sel.heads == 1 else v, chunk_starts, n_keys)[:, :width]
+                            for v in range(n_var) for sel in sels]).view(n_var, n_sel, len(chunk), width)  # bool
+        for i, r0 in enumerate(chunk):
+            blk, hi = c0 + i, min(r0 + b, n_keys)
+            first, last = firsts[blk], lasts[blk]
+            block_keys = keys[:, :, i, :hi].float()  # [V, S, hi]
+            got = torch.matmul(data[:, first:last, :hi], block_keys.transpose(1, 2))  # [F, rows, S]
+            mass[:, :, first:last] = got.permute(2, 0, 1)
+            if counts:  # kept causal keys of each row: the block's keys before r0, then a running count inside it
+                before = block_keys[..., :r0].sum(-1, keepdim=True)
+                inside = before + block_keys[..., r0:hi].cumsum(-1)  # [V, S, hi - r0]
+                cells[:, :, first:last] = inside[..., rows[first:last] - r0].transpose(0, 1)
+            if err_at is not None and blk in err_at:
+                ms, pos = err_at[blk]
+                seen_err = keys_at[None, :hi] <= pos[:, None]  # [m, hi]
+                masks[:, :, ms, :hi] = (keys[:, :, i, None, :hi] & seen_err).transpose(0, 1)
     return mass, cells, masks
 
 

@@ -358,8 +358,9 @@ def test_gpu_fallback_takes_selections_built_on_the_cpu():
     rows = torch.arange(n, device=DEVICE)
     blocks = torch.rand(2, 19, 19, generator=torch.Generator().manual_seed(22)) < 0.5
     pages = PageSet(torch.tensor([n - 1]), torch.tensor([[[0, 3, 18]], [[1, 2, 18]]]), page_size=16)
-    for sel, at in ((BlockMask(blocks, 16, 16), rows), (pages, rows[-1:])):
+    mixed = PageSet(pages.rows.to(DEVICE), pages.pages, page_size=16)  # rows on the GPU, pages on the CPU (Quest)
+    for sel, at, ref in ((BlockMask(blocks, 16, 16), rows, None), (pages, rows[-1:], None), (mixed, rows[-1:], pages)):
         run = run_selection(sel, q[:, at], k, v, at, 0.3)
-        want = masked_attention(q[:, at], k, v, at, 0.3, sel.mask(at.cpu(), n).to(DEVICE))[0]
+        want = masked_attention(q[:, at], k, v, at, 0.3, (ref or sel).mask(at.cpu(), n).to(DEVICE))[0]
         assert run.backend == ("torch" if isinstance(sel, BlockMask) else "triton")
         assert (run.out.float() - want).abs().max().item() <= TOL[torch.bfloat16] * v.abs().max().item()
