@@ -40,7 +40,9 @@ BLOCK = {"old_n128_w8": {"BLOCK_N": 128, "num_warps": 8}, "base": {}, "s3": {"nu
 VS = {"base": {}, "w4": {"num_warps": 4}, "w4_split": {"num_warps": 4, "COL_SPLIT": True},
       "m2_w4_split": {"M_SPLIT": 2, "num_warps": 4, "COL_SPLIT": True},
       "m2_w4_split_s3": {"M_SPLIT": 2, "num_warps": 4, "COL_SPLIT": True, "num_stages": 3}}
-DECODE = {"base": {}, "unfused": {"fuse_splits": 0}, "s3": {"num_stages": 3}, "base_again": {}}
+DECODE = {"base": {}, "rows64": {"q_rows": 64}, "rows64_s3": {"q_rows": 64, "num_stages": 3},
+          "rows64_ppt8": {"q_rows": 64, "pages_per_tile": 8}, "rows64_w8": {"q_rows": 64, "num_warps": 8},
+          "base_again": {}}
 
 
 def rel_err(out, ref) -> float:
@@ -259,9 +261,10 @@ def resources(results):
                     meta = kernel.metadata
                     consts = {str(k): v for k, v in getattr(kernel.src, "constants", {}).items()
                               if isinstance(v, (int, bool))}
+                    ptx = kernel.asm.get("ptx", "")
                     row = {"kernel": fn.__name__, "regs": kernel.n_regs, "spills": kernel.n_spills,
                            "shared": meta.shared, "warps": meta.num_warps, "stages": meta.num_stages,
-                           "constants": consts}
+                           "wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx, "constants": consts}
                 except Exception as err:
                     row = {"kernel": fn.__name__, "error": repr(err)}
                 results.append(row)

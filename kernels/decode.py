@@ -173,12 +173,13 @@ def _tickets(device: torch.device, n: int) -> Tensor:
 def sparse_decode(q: Tensor, k: Tensor, v: Tensor, layout: DecodeLayout, scale: float,
                   softcap: float | None = None, count: bool = False, splits: int | None = None,
                   pages_per_tile: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                  occupancy: int = 4, fuse_splits: int = 16) -> tuple[Tensor, Tensor, Tensor | None]:
+                  occupancy: int = 4, fuse_splits: int = 16, q_rows: int = 16) -> tuple[Tensor, Tensor, Tensor | None]:
     """Decode attention of q [B, Hq, d] over k/v [B, Hk, T, d] (a batch stride of 0 shares one cache).
 
     Returns (output [B, Hq, d] in q's dtype, log-sum-exp [B, Hq] float32, keys read per query head [B, Hq]).
     Up to ``fuse_splits`` splits, the last split of each (step, mask head) to finish merges the partials (one
-    launch instead of two); more are merged by a second kernel.
+    launch instead of two); more are merged by a second kernel. A program's query tile has at least ``q_rows``
+    rows (the GQA group's heads, padded).
     """
     batch, n_heads, head_dim = q.shape
     n_mask = layout.heads
@@ -211,7 +212,7 @@ def sparse_decode(q: Tensor, k: Tensor, v: Tensor, layout: DecodeLayout, scale: 
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         pages.stride(0) if layout.pages is not None else 0, pages.stride(1) if layout.pages is not None else 0,
         n_mask, heads_per_mask, kv_div, tiles_per_split, n_splits, pages.shape[-1], float(scale), float(softcap or 1.0),
-        PAGE=page, PAGES_PER_TILE=ppt, QP=max(16, triton.next_power_of_2(heads_per_mask)), HEAD_DIM=head_dim,
+        PAGE=page, PAGES_PER_TILE=ppt, QP=max(q_rows, triton.next_power_of_2(heads_per_mask)), HEAD_DIM=head_dim,
         DENSE=layout.dense, SOFTCAP=bool(softcap), COUNTING=count, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         SPLIT=n_splits > 1, FUSED=fused, HP=triton.next_power_of_2(heads_per_mask),
         SPLITS=triton.next_power_of_2(n_splits) if fused else 1, num_warps=num_warps, num_stages=num_stages,
