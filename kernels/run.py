@@ -82,24 +82,24 @@ def prepare(selection: Selection, rows: Tensor, k: Tensor, v: Tensor,
     """Convert ``selection`` for the query positions ``rows`` over keys k/v [Hkv, T, d] (on their device)."""
     device, n_keys = k.device, k.shape[1]
     rows = rows.to(device).long()
+    selection = _on(selection, device)  # policies may build a Selection, or parts of it, on another device
     if selection.kernel in PREFILL_KERNELS:
         if isinstance(selection, Dense):
             nb = cdiv(n_keys, DENSE_BLOCK)
             selection = BlockMask(torch.ones(selection.heads, nb, nb, dtype=torch.bool, device=device),
                                   DENSE_BLOCK, DENSE_BLOCK)
         if isinstance(selection, BlockMask):
-            layout = block_sparse_layout(_on(selection, device), n_keys, sliding_window)
+            layout = block_sparse_layout(selection, n_keys, sliding_window)
         elif isinstance(selection, VerticalSlash):
-            layout = vertical_slash_layout(_on(selection, device), n_keys, sliding_window=sliding_window)
+            layout = vertical_slash_layout(selection, n_keys, sliding_window=sliding_window)
         else:
             raise ValueError(f"{type(selection).__name__} is not a prefill selection")
         return Prepared("prefill", rows, prefill=layout.to(device))
     if selection.kernel in DECODE_KERNELS:
         if isinstance(selection, (PageSet, TokenSet)):
-            layout = page_layout(_on(selection, device), rows, n_keys, sliding_window)
-            return Prepared("decode", rows, decode=layout.to(device))
+            return Prepared("decode", rows, decode=page_layout(selection, rows, n_keys, sliding_window).to(device))
         if isinstance(selection, KeptKeys):
-            k_c, v_c, layout = compact_kept(_on(selection, device), k, v, rows, sliding_window=sliding_window)
+            k_c, v_c, layout = compact_kept(selection, k, v, rows, sliding_window=sliding_window)
             return Prepared("decode", rows, decode=layout, compacted=(k_c, v_c))
         raise ValueError(f"{type(selection).__name__} is not a decode selection")
     raise UnsupportedSelection(f"no kernel runs selections of kind {selection.kernel!r}")
