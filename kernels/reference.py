@@ -12,7 +12,13 @@ def attention_logits(q: Tensor, k: Tensor, scale: float, softcap: float | None =
     """Scaled (and soft-capped) logits [Hq, R, T] of queries q [Hq, R, d] against keys k [Hkv, T, d]."""
     group = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(group, dim=0) if group > 1 else k
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    return scale_logits_(torch.matmul(q.float(), k.float().transpose(-1, -2)), scale, softcap)
+
+
+def scale_logits_(logits: Tensor, scale: float, softcap: float | None = None) -> Tensor:
+    """``logits`` (raw q.k products) scaled and soft-capped in place; a scale of 1 skips the multiplication."""
+    if scale != 1:
+        logits.mul_(scale)
     if softcap:
         logits.div_(softcap).tanh_().mul_(softcap)
     return logits

@@ -1,21 +1,24 @@
 """The true attention of scored query rows: exact, float32, a few rows at a time.
 
-Logits come from :func:`kernels.reference.attention_logits` (the layer's scale and soft-cap) and visibility
-from :func:`kernels.reference.visible` (causal and the layer's sliding window), so the simulator's ground
-truth is the kernels' reference. Rows go in blocks of ``ROW_BLOCK`` ascending rows, small enough that a
-block's logits stay in cache: each block only computes the keys its rows can see (so the cost is proportional
-to the visible cells, not to rows x keys), masks only the keys past its first row, takes the softmax in place
-and copies it once into the output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse
+Logits are scaled and soft-capped by :func:`kernels.reference.scale_logits_` and visibility comes from
+:func:`kernels.reference.visible` (causal and the layer's sliding window), so the simulator's ground truth is
+the kernels' reference (a power-of-two scale is applied to q instead, which is exact). Rows go in blocks of
+``ROW_BLOCK`` ascending rows, small enough that a block's logits stay in cache: each block only computes the
+keys its rows can see (so the cost is proportional to the visible cells, not to rows x keys) into one reused
+scratch array, masks only the keys past its first row, takes the softmax in place and copies it once into the
+output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse
 one output's memory from call to call.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from sparse_frontier.kernels.reference import attention_logits, visible
+from sparse_frontier.kernels.reference import scale_logits_, visible
 
 ROW_BLOCK = 16
 
@@ -55,14 +58,16 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
     that buffer's tensor, overwritten by the next call with it.
     """
     n_heads, n_rows, n_keys = q.shape[0], len(rows), k.shape[1]
-    n_kv, group = k.shape[0], n_heads // k.shape[0]
+    n_kv, group, d = k.shape[0], n_heads // k.shape[0], q.shape[-1]
     shape = (n_heads, n_rows, n_keys)
     at = rows.tolist()
     if out is not None:
         probs = out.take((shape, str(q.device), tuple(at), sliding_window, row_block), shape, q.device)
     else:
         probs = _zeros(*shape, device=q.device)
-    q, k = q.float(), k.float()
+    q, k_t = q.float(), k.float().transpose(-1, -2)
+    if math.frexp(scale)[0] == 0.5:  # a power of two scales q exactly: one pass over q instead of over the logits
+        q, scale = q * scale, 1.0
     # each block: its rows start:stop see keys lo:hi; keys before cut are visible to all of them unless a window
     # cuts them (then cut = lo), so only keys cut:hi need a mask
     blocks = []
@@ -74,13 +79,16 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
     cuts = torch.tensor([cut for start, stop, *_, cut in blocks for _ in range(start, stop)],
                         dtype=rows.dtype, device=rows.device)
     hidden = ~visible(rows - cuts, max((hi - cut for *_, hi, cut in blocks), default=0), sliding_window)
-
-    for start, stop, lo, hi, cut in blocks:
-        for h in range(n_kv):
-            heads = slice(h * group, (h + 1) * group)
+    # one block's logits at a time, in one reused array (a fresh one per block costs its allocation)
+    scratch = torch.empty(group * min(row_block, n_rows) * n_keys, device=q.device)
+    for h in range(n_kv):
+        heads = slice(h * group, (h + 1) * group)
+        for start, stop, lo, hi, cut in blocks:
+            n = group * (stop - start)
+            logits = scratch[: n * (hi - lo)].view(n, hi - lo)
             # one matrix product for the group's heads: their rows against the shared keys
-            logits = attention_logits(q[heads, start:stop].reshape(1, -1, q.shape[-1]), k[h : h + 1, lo:hi],
-                                      scale, softcap).view(group, stop - start, hi - lo)
+            torch.mm(q[heads, start:stop].reshape(n, d), k_t[h, :, lo:hi], out=logits)
+            logits = scale_logits_(logits, scale, softcap).view(group, stop - start, hi - lo)
             logits[..., cut - lo :].masked_fill_(hidden[start:stop, : hi - cut], float("-inf"))
             probs[heads, start:stop, lo:hi] = torch.softmax(logits, dim=-1, out=logits)
     return probs

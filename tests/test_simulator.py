@@ -70,18 +70,19 @@ def _sweep(path, policies, sparsities=(0.5, 0.8, 0.9), **kw) -> pd.DataFrame:
 # ---------------------------------------------------------------- exact attention
 
 
+@pytest.mark.parametrize("scale", [0.35, 0.25])  # 0.25: a power of two, applied to q instead of the logits
 @pytest.mark.parametrize("softcap,window", [(None, None), (5.0, None), (None, 24), (3.0, 40)])
-def test_true_attention_equals_the_reference(softcap, window):
+def test_true_attention_equals_the_reference(softcap, window, scale):
     gen = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(4, 90, 8, generator=gen) * 2, torch.randn(2, 90, 8, generator=gen) * 2, torch.randn(2, 90, 8)
     rows = torch.tensor([0, 3, 17, 40, 41, 70, 89])
-    probs = true_attention(q[:, rows], k, rows, 0.35, softcap, window, row_block=3)
-    want, _ = masked_attention(q[:, rows], k, v, rows, 0.35, None, softcap, window)
+    probs = true_attention(q[:, rows], k, rows, scale, softcap, window, row_block=3)
+    want, _ = masked_attention(q[:, rows], k, v, rows, scale, None, softcap, window)
     got = torch.matmul(probs, v.repeat_interleave(2, dim=0))
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(probs.sum(-1), torch.ones(4, len(rows)))
     # the probabilities themselves, with row blocks of 3 and the default, against a float64 softmax
-    logits = q[:, rows].double() @ k.double().repeat_interleave(2, dim=0).transpose(1, 2) * 0.35
+    logits = q[:, rows].double() @ k.double().repeat_interleave(2, dim=0).transpose(1, 2) * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     j = torch.arange(90)
@@ -89,7 +90,7 @@ def test_true_attention_equals_the_reference(softcap, window):
     if window:
         seen &= j[None, :] > rows[:, None] - window
     want64 = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
-    for tiled in (probs, true_attention(q[:, rows], k, rows, 0.35, softcap, window)):
+    for tiled in (probs, true_attention(q[:, rows], k, rows, scale, softcap, window)):
         assert (tiled.double() - want64).abs().max() < 1e-6
         assert (tiled[:, ~seen] == 0).all()  # nothing in the future or outside the window
 
