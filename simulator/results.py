@@ -21,11 +21,6 @@ def load_parts(out: str | Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
 
-def load_sweep(out: str | Path) -> dict:
-    """The sweep.json record of ``out``."""
-    return json.loads((Path(out) / "sweep.json").read_text())
-
-
 def configs(frame: pd.DataFrame) -> pd.Series:
     """A label per row: the policy name, with the parameters that tell apart its variants in this frame
     (e.g. ``oracle_topk[size=64;unit=block]`` next to plain ``oracle_topk``)."""
