@@ -39,7 +39,8 @@ def _decode_split_kernel(
     g_ok = offs_g < heads_per_mask
     qh = mh * heads_per_mask + offs_g
     kvh = (mh * heads_per_mask) // kv_div
-    q = tl.load(Q + b * stride_qb + qh[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    b64 = b.to(tl.int64)  # whole sequences and heads in int64: a batch's cache passes 2**31 elements
+    q = tl.load(Q + b64 * stride_qb + qh[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
 
     bh = b * n_mask_heads + mh
     n_pages = tl.load(COUNT + bh)
@@ -50,8 +51,8 @@ def _decode_split_kernel(
         first = lo // BLOCK_N
     p0 = first + split * tiles_per_split * PAGES_PER_TILE
     p1 = tl.minimum(p0 + tiles_per_split * PAGES_PER_TILE, n_pages)
-    k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :]
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
 
     m_i = tl.full([QP], float("-inf"), tl.float32)
     l_i = tl.zeros([QP], tl.float32)

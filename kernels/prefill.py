@@ -104,9 +104,11 @@ def _sparse_prefill_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < n_rows
-    q = tl.load(Q + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_base = K + kvh * stride_kh + offs_d[None, :]
-    v_base = V + kvh * stride_vh + offs_d[None, :]
+    # offsets of whole heads and rows in int64: a long prompt or a large cache passes 2**31 elements
+    q_rows = h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
+    q = tl.load(Q + q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_base = V + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
     desc_row = kvh * kv_rows  # first row of this KV head in the [heads * kv_rows, d] descriptors
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -188,8 +190,8 @@ def _sparse_prefill_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    o_rows = h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+    tl.store(O + o_rows + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + h * n_rows + offs_m, lse, mask=row_ok)
     if COUNT:
         tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)

@@ -364,3 +364,35 @@ def test_gpu_fallback_takes_selections_built_on_the_cpu():
         want = masked_attention(q[:, at], k, v, at, 0.3, (ref or sel).mask(at.cpu(), n).to(DEVICE))[0]
         assert run.backend == ("torch" if isinstance(sel, BlockMask) else "triton")
         assert (run.out.float() - want).abs().max().item() <= TOL[torch.bfloat16] * v.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_offsets_past_two_to_the_31():
+    """Inputs whose element offsets pass 2**31 (a batch of long caches, a long prompt over many heads) give the
+    same result as the same values stored compactly: offsets of whole sequences and heads do not wrap."""
+    gap = 2**30 + 2**20  # elements between consecutive sequences (decode) or heads (prefill): the third is past 2**31
+    buffer = torch.zeros(2 * gap + 2**20, dtype=torch.bfloat16, device=DEVICE)  # 4.3 GB
+
+    def far(x: torch.Tensor, at: int) -> torch.Tensor:
+        """x [3, ...] (contiguous) copied into the buffer, its first dimension ``gap`` apart, from offset ``at``."""
+        view = buffer.as_strided(x.shape, (gap, *x.stride()[1:]), at)
+        return view.copy_(x)
+
+    n = 400
+    q, k, v = inputs(3, 3, n, head_dim=64, dtype=torch.bfloat16, seed=23)
+    # decode: 3 steps, each with its own cache [3 KV heads, n, 64]
+    rows = torch.tensor([150, 300, 399], device=DEVICE)
+    pages = torch.randint(0, 25, (3, 3, 12), generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    layout = page_layout(PageSet(rows, pages, page_size=16), rows, n)
+    steps_q = q[:, rows].transpose(0, 1).contiguous()
+    k3, v3 = k[None].repeat(3, 1, 1, 1), v[None].repeat(3, 1, 1, 1)
+    want = sparse_decode(steps_q, k3, v3, layout, 0.3)[0]
+    got = sparse_decode(steps_q, far(k3, 0), far(v3, k3.numel()), layout, 0.3)[0]
+    assert torch.equal(got, want)
+    # prefill: 3 query heads and 3 KV heads, each head gap elements after the one before
+    blocks = (torch.rand(3, 7, 7, generator=torch.Generator().manual_seed(25)) < 0.5).to(DEVICE)
+    layout = block_sparse_layout(BlockMask(blocks, 64, 64), n_keys=n)
+    want = sparse_prefill(q, k, v, layout, 0.3)[0]
+    got = sparse_prefill(far(q, 0), far(k, q[0].numel()), far(v, 2 * q[0].numel()), layout, 0.3)[0]
+    assert torch.equal(got, want)
