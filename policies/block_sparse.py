@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .base import Budget, LayerView, PolicyBase
 from .estimate import ViewCache, mass_count
 from .flexprefill import _mean_pool
+from .oracle import argsort_desc
 from .selection import BlockMask
 from .targeting import largest_within
 
@@ -64,11 +64,12 @@ class BlockSparse(PolicyBase):
             self.owns_budget = True
 
     def _pooled(self, view: LayerView) -> tuple[Tensor, Tensor]:
-        """Mean-pooled prompt queries [Hq, nb, d] and keys expanded to the query heads [Hq, nb, d]."""
+        """Mean-pooled prompt queries [Hq, nb, d] and keys expanded to the query heads [Hq, nb, d] (on the
+        view's device, where the ranks and the mask are made too)."""
         def pool():
             n, b = view.prefill_len, self.params.chunk_size
-            q = view.queries_at(torch.arange(n, device=view.q_positions.device)).float().cpu()
-            k = _mean_pool(view.k[:, :n].float().cpu(), b).repeat_interleave(view.group, dim=0)
+            q = view.queries_at(torch.arange(n, device=view.q_positions.device)).float()
+            k = _mean_pool(view.k[:, :n].float(), b).repeat_interleave(view.group, dim=0)
             return _mean_pool(q, b), k
 
         return self._cache.get(view, "pooled", pool)
@@ -78,22 +79,20 @@ class BlockSparse(PolicyBase):
         forced blocks first, then by descending pooled score, future blocks last (ties in any fixed order)."""
         def compute():
             q_pool, k_pool = self._pooled(view)
-            nb = q_pool.shape[1]
-            m = torch.arange(nb)
+            nb, device = q_pool.shape[1], q_pool.device
+            m = torch.arange(nb, device=device)
             future = m[None, :] > m[:, None]
             if view.sliding_window:  # key blocks no row of the query block can see rank with the future ones
                 b = self.params.chunk_size
                 future |= (m[None, :] + 1) * b - 1 <= m[:, None] * b - view.sliding_window
             forced = (m[None, :] == 0) | (m[None, :] == m[:, None]) | (m[None, :] == m[:, None] - 1)
             dtype = torch.int16 if nb < 2**15 else torch.int32
-            ranks = torch.empty(len(q_pool), nb, nb, dtype=dtype)
-            positions = np.broadcast_to(np.arange(nb, dtype=np.int32), (nb, nb))
+            ranks = torch.empty(len(q_pool), nb, nb, dtype=dtype, device=device)
+            positions = m.expand(nb, nb)
             for h in range(len(q_pool)):
                 key = (q_pool[h] @ k_pool[h].T).masked_fill(future, float("-inf"))  # unscaled, as MInference
-                order = np.argsort(-key.masked_fill(forced, float("inf")).numpy(), axis=-1)  # numpy's is fastest
-                rank = np.empty((nb, nb), dtype=np.int32)
-                np.put_along_axis(rank, order, positions, axis=-1)
-                ranks[h] = torch.from_numpy(rank)
+                order = argsort_desc(key.masked_fill(forced, float("inf")))
+                ranks[h] = torch.empty_like(order).scatter_(-1, order, positions)
             return ranks
 
         return self._cache.get(view, "ranks", compute)
@@ -112,8 +111,8 @@ class BlockSparse(PolicyBase):
                                  budget.fraction)
         else:
             top = p.top_chunks
-        m = torch.arange(nb)
-        blocks = torch.empty(view.n_query_heads, nb, nb, dtype=torch.bool)
+        m = torch.arange(nb, device=ranks.device)
+        blocks = torch.empty(view.n_query_heads, nb, nb, dtype=torch.bool, device=ranks.device)
         for h in range(view.n_query_heads):
             count = torch.clamp(m + 1, max=top)
             if budget.top_p is not None:

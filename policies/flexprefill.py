@@ -38,7 +38,7 @@ def _mean_pool(x: Tensor, block: int) -> Tensor:
     n = -(-t // block)
     padded = torch.nn.functional.pad(x, (0, 0, 0, n * block - t))
     sums = padded.reshape(*x.shape[:-2], n, block, x.shape[-1]).sum(-2)
-    counts = torch.full((n,), float(block))
+    counts = torch.full((n,), float(block), device=x.device)
     counts[-1] = t - (n - 1) * block
     return sums / counts[:, None]
 

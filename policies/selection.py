@@ -15,6 +15,7 @@ one selection is shared by a GQA group (the simulator expands it with :func:`exp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -147,40 +148,52 @@ class VerticalSlash(Selection):
     def heads(self) -> int:
         return len(self.columns)
 
-    def diagonal_coverage(self, head: int, n_keys: int, device=None) -> Tensor:
-        """Boolean over ``d = r0 - j`` in [-(block-1), n_keys): does some slash range cover it."""
-        span = n_keys + self.block - 1
-        hits = torch.zeros(span + 1, dtype=torch.int32, device=device)
-        offs = self.offsets[head].to(device)
-        offs = offs[(offs >= 0) & (offs < n_keys)]
-        # slash o covers d in [o - block + 1, o]; shift by block - 1 to index from 0
-        hits.index_add_(0, offs, torch.ones_like(offs, dtype=torch.int32))
-        hits.index_add_(0, offs + self.block, -torch.ones_like(offs, dtype=torch.int32))
-        return hits.cumsum(0)[:span] > 0
+    def coverage(self, n_keys: int, device=None) -> tuple[Tensor, Tensor]:
+        """Every head's slash coverage and verticals: (covered [heads, n_keys + block - 1] over x = d + block - 1
+        for the diagonal d = r0 - j in [-(block-1), n_keys), is a vertical [heads, n_keys + block] over keys)."""
+        b, heads = self.block, self.heads
+        span = n_keys + b - 1
 
-    def block_keys(self, head: int, starts: Tensor, n_keys: int) -> Tensor:
-        """Keys ``head`` computes for the query blocks starting at ``starts``: [len(starts), n_keys] bool, causality
-        not applied.
+        def flat(parts: list[Tensor], stride: int) -> Tensor:
+            """Every head's entries in [0, n_keys) as indices into a flattened [heads, stride] array."""
+            parts = [x.to(device=device, dtype=torch.long) for x in parts]
+            parts = [x[(x >= 0) & (x < n_keys)] for x in parts]
+            sizes = torch.tensor([len(x) for x in parts], device=device)
+            return torch.cat(parts) + torch.repeat_interleave(torch.arange(heads, device=device) * stride, sizes)
+
+        # slash o covers d in [o - block + 1, o], i.e. x in [o, o + block - 1]
+        hits = torch.zeros(heads * (span + 1), dtype=torch.int32, device=device)
+        at = flat(self.offsets, span + 1)
+        hits.index_add_(0, at, torch.ones_like(at, dtype=torch.int32))
+        hits.index_add_(0, at + b, -torch.ones_like(at, dtype=torch.int32))
+        is_col = torch.zeros(heads * (n_keys + b), dtype=torch.bool, device=device)
+        is_col[flat(self.columns, n_keys + b)] = True
+        return hits.view(heads, span + 1).cumsum(1)[:, :span] > 0, is_col.view(heads, n_keys + b)
+
+    def key_reader(self, n_keys: int, last_start: int, device=None) -> Callable[[Tensor, int], Tensor]:
+        """``read(starts, width)``: the first ``width`` keys every head computes for the query blocks starting at
+        ``starts`` (none after ``last_start``), [heads, len(starts), width] bool, causality not applied.
 
         For the block starting at r0 a slash o covers keys r0 - o .. r0 + block - 1 - o: key j is covered when
         x = r0 - j + block - 1 is in the head's diagonal coverage, so each block's row of keys is a window of
-        the reversed coverage, padded with False on both sides (no per-key index arithmetic).
+        the reversed coverage, padded with False on both sides (no per-key index arithmetic), or a vertical.
+        The coverage is computed once, for any number of reads.
         """
-        device = starts.device
-        cover = self.diagonal_coverage(head, n_keys, device)  # index x in [0, n_keys + block - 1)
-        front = max(int(starts.max()) - n_keys + 1, 0) if len(starts) else 0  # blocks starting past the keys
-        pad = torch.zeros(front + n_keys, dtype=torch.bool, device=device)
-        reverse = torch.cat([pad[:front], cover.flip(0), pad[front:]])
-        # key j of the block at r0 reads reverse[front + n_keys - 1 - r0 + j]
-        keys = reverse.unfold(0, n_keys, 1)[front + n_keys - 1 - starts]
-        cols = self.columns[head].to(device)
-        keys[:, cols[(cols >= 0) & (cols < n_keys)]] = True
-        return keys
+        covered, is_col = self.coverage(n_keys, device)
+        front = max(last_start - n_keys + 1, 0)  # blocks starting past the keys
+        pad = torch.zeros(self.heads, front + n_keys, dtype=torch.bool, device=device)
+        windows = torch.cat([pad[:, :front], covered.flip(1), pad[:, front:]], dim=1).unfold(1, n_keys, 1)
+
+        def read(starts: Tensor, width: int = n_keys) -> Tensor:
+            # key j of the block at r0 reads reversed coverage at front + n_keys - 1 - r0 + j
+            return windows[:, front + n_keys - 1 - starts, :width] | is_col[:, None, :width]
+
+        return read
 
     def mask(self, rows: Tensor, n_keys: int) -> Tensor:
         blocks, where = torch.unique(rows // self.block, return_inverse=True)  # the rows of a block share keys
         starts = blocks * self.block
-        keys = torch.stack([self.block_keys(h, starts, n_keys) for h in range(self.heads)])
+        keys = self.key_reader(n_keys, int(starts.max()) if len(starts) else 0, rows.device)(starts)
         return keys[:, where] & causal(rows, n_keys)
 
     def cells(self, rows: Tensor, n_keys: int) -> Tensor:
@@ -193,6 +206,8 @@ class VerticalSlash(Selection):
         """
         if len(rows) and int(rows.max()) >= n_keys:
             return super().cells(rows, n_keys)
+        if self.columns:  # counted where the selection is
+            rows = rows.to(self.columns[0].device)
         if len(rows) == n_keys and bool((rows == torch.arange(n_keys, device=rows.device)).all()):
             return self._prompt_cells(n_keys, rows.device)
         device = rows.device
@@ -203,12 +218,10 @@ class VerticalSlash(Selection):
         where[order] = inverse  # index of each row's block in ``blocks``
         r0 = blocks * b
         total = torch.zeros(self.heads, dtype=torch.int64)
+        covered, verticals = self.coverage(n_keys, device)
         for h in range(self.heads):
-            cov = self.diagonal_coverage(h, n_keys, device)  # index x = d + b - 1, d in [-(b-1), n_keys)
+            cov, is_col = covered[h], verticals[h]  # cov over x = d + b - 1, d in [-(b-1), n_keys)
             cov_before = torch.nn.functional.pad(cov.long().cumsum(0), (1, 0))  # covered x < index
-            is_col = torch.zeros(n_keys + b, dtype=torch.bool, device=device)
-            cols = self.columns[h].to(device)
-            is_col[cols[(cols >= 0) & (cols < n_keys)]] = True
             cols_before = torch.nn.functional.pad(is_col.long().cumsum(0), (1, 0))  # verticals at j < index
             # keys j < r0: diagonals d in [1, r0]
             n_cov = cov_before[r0 + b] - cov_before[b]
@@ -237,23 +250,8 @@ class VerticalSlash(Selection):
     def _prompt_cells(self, n: int, device=None) -> Tensor:
         """``cells`` over every row 0..n-1, all heads at once (the same sums as ``cells``, per query block)."""
         b, heads = self.block, self.heads
-        span = n + b - 1
         nb = -(-n // b)
-        def flat(parts: list[Tensor], stride: int) -> Tensor:
-            """Every head's entries in [0, n) as indices into a flattened [heads, stride] array."""
-            parts = [x.to(device=device, dtype=torch.long) for x in parts]
-            parts = [x[(x >= 0) & (x < n)] for x in parts]
-            sizes = torch.tensor([len(x) for x in parts], device=device)
-            return torch.cat(parts) + torch.repeat_interleave(torch.arange(heads, device=device) * stride, sizes)
-
-        hits = torch.zeros(heads * (span + 1), dtype=torch.int32, device=device)
-        at = flat(self.offsets, span + 1)
-        hits.index_add_(0, at, torch.ones_like(at, dtype=torch.int32))
-        hits.index_add_(0, at + b, -torch.ones_like(at, dtype=torch.int32))
-        is_col = torch.zeros(heads * (n + b), dtype=torch.bool, device=device)
-        is_col[flat(self.columns, n + b)] = True
-        is_col = is_col.view(heads, n + b)
-        cov = hits.view(heads, span + 1).cumsum(1)[:, :span] > 0  # index x = d + b - 1
+        cov, is_col = self.coverage(n, device)  # index x = d + b - 1
         cov_before = torch.nn.functional.pad(cov.int().cumsum(1), (1, 0))
         cols_before = torch.nn.functional.pad(is_col.int().cumsum(1), (1, 0))
         r0 = torch.arange(nb, device=device) * b

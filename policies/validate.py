@@ -25,9 +25,9 @@ def scored_rows(policy, view: LayerView) -> Tensor:
 def _future(selection: Selection, rows: Tensor) -> str | None:
     """A description of a listed key that lies after its query, or None."""
     if isinstance(selection, BlockMask):
-        b = selection.blocks.cpu()
-        q_last = (torch.arange(b.shape[1]) + 1) * selection.block_q - 1
-        k_first = torch.arange(b.shape[2]) * selection.block_k
+        b = selection.blocks
+        q_last = (torch.arange(b.shape[1], device=b.device) + 1) * selection.block_q - 1
+        k_first = torch.arange(b.shape[2], device=b.device) * selection.block_k
         bad = b & (k_first[None, None, :] > q_last[None, :, None])
         if bad.any():
             h, qb, kb = bad.nonzero()[0].tolist()

@@ -228,13 +228,13 @@ def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor,
             err_at.setdefault(blk, []).append(m)
         err_at = {blk: (torch.tensor(ms, device=device), rows[error_index[ms]]) for blk, ms in err_at.items()}
     keys_at = torch.arange(n_keys, device=device)
+    readers = [sel.key_reader(n_keys, starts[-1] if starts else 0, device) for sel in sels]
     per_chunk = max(1, chunk_bytes // (n_keys * n_sel * n_var))
     for c0 in range(0, len(starts), per_chunk):
         chunk = starts[c0 : c0 + per_chunk]
         width = min(chunk[-1] + b, n_keys)  # keys any row of the chunk can see
         chunk_starts = torch.tensor(chunk, device=device)
-        keys = torch.stack([sel.block_keys(0 if sel.heads == 1 else v, chunk_starts, n_keys)[:, :width]
-                            for v in range(n_var) for sel in sels]).view(n_var, n_sel, len(chunk), width)  # bool
+        keys = torch.stack([read(chunk_starts, width).expand(n_var, -1, -1) for read in readers], dim=1)  # bool
         for i, r0 in enumerate(chunk):
             blk, hi = c0 + i, min(r0 + b, n_keys)
             first, last = firsts[blk], lasts[blk]
