@@ -355,6 +355,22 @@ def test_sliding_window_and_softcap_layers(tmp_path):
     assert (ok["recall"] <= ok["oracle_recall"] + TOL).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sweep_equals_the_cpu_sweep(tmp_path):
+    """``--device cuda`` runs the same code on the GPU (policies build their selections there): every policy,
+    a generated tail and a sliding window, the same rows and metrics as on the CPU up to float32 rounding."""
+    path = tmp_path / "c.zarr"
+    write_random_trace(path, n_layers=2, n_q_heads=6, n_kv_heads=2, head_dim=16, n_tokens=700, prefill_len=660)
+    _patch_attrs(path, layer_types=["full_attention", "sliding_attention"], sliding_window=200)
+    frames = {device: _sweep(path, PREFILL + DECODE, sparsities=(0.5, 0.9), queries=128, device=device)
+              for device in ("cpu", "cuda")}
+    cpu, cuda = frames["cpu"], frames["cuda"]
+    assert (cpu["status"] == "ok").all() and (cuda["status"] == "ok").all()
+    for column in ("density", "recall", "oracle_recall", "output_error", "oracle_output_error"):
+        assert (cpu[column] - cuda[column]).abs().max() < 1e-4, column
+
+
 def test_cost_model_by_hand():
     m = ModelShape(n_layers=2, d_model=8, d_mlp=16, vocab_size=10, n_heads=2, n_kv_heads=1, head_dim=4)
     L = 100
