@@ -120,12 +120,13 @@ class BlockMask(Selection):
         seen = torch.clamp(rows + 1, max=n_keys)  # keys visible to each row: 0 .. seen-1
         full, rest = seen // self.block_k, seen % self.block_k
         qblock = rows // self.block_q
+        left, at = (full - 1).clamp(min=0), full.clamp(max=n_kblocks - 1)  # full is at most n_kblocks
         total = torch.zeros(self.heads, dtype=torch.int64)
         for h in range(self.heads):
-            kept = torch.nn.functional.pad(self.blocks[h].to(torch.int32), (0, 1))  # [n_qblocks, n_kblocks + 1]
-            before = torch.nn.functional.pad(kept.cumsum(-1), (1, 0))  # kept blocks left of index
-            per_row = before[qblock, full].long() * self.block_k + kept[qblock, full].long() * rest
-            total[h] = per_row.sum().cpu()
+            kept = self.blocks[h]  # [n_qblocks, n_kblocks]
+            before = torch.where(full > 0, kept.cumsum(-1, dtype=torch.int32)[qblock, left], 0)  # kept left of full
+            holding = kept[qblock, at] & (full < n_kblocks)  # the kept block holding the row
+            total[h] = (before.long() * self.block_k + holding.long() * rest).sum().cpu()
         return total
 
 
