@@ -6,8 +6,8 @@ the kernels' reference (a power-of-two scale is applied to q instead, which is e
 ``ROW_BLOCK`` ascending rows, small enough that a block's logits stay in cache: each block only computes the
 keys its rows can see (so the cost is proportional to the visible cells, not to rows x keys) into one reused
 scratch array, masks only the keys past its first row, takes the softmax in place and copies it once into the
-output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse
-one output's memory from call to call.
+output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse one output's memory from call
+to call.
 """
 
 from __future__ import annotations
