@@ -86,7 +86,7 @@ class VerticalSlash(PolicyBase):
         sel = VerticalSlashSelection([col_order[h, :c] for h, c in zip(heads, counts, strict=True)],
                                      [off_order[h, : self._slashes(c, n)] for h, c in zip(heads, counts, strict=True)],
                                      block=self.params.block)
-        return (sel.cells(torch.arange(n, device=col_order.device), n).double() / (n * (n + 1) / 2)).tolist()
+        return (sel.cells(torch.arange(n), n).double() / (n * (n + 1) / 2)).tolist()
 
     def _memos(self, view: LayerView) -> list[dict[int, float]]:
         return self._cache.get(view, "density", lambda: [{} for _ in range(view.n_query_heads)])
