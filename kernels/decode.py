@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .layout import DecodeLayout
-from .prefill import INTERPRET, _accumulate, _scores
+from .prefill import INTERPRET, _accumulate, _scores, _softmax_step, _unit
 
 
 @triton.jit
@@ -58,6 +58,7 @@ def _decode_split_kernel(
     l_i = tl.zeros([QP], tl.float32)
     acc = tl.zeros([QP, HEAD_DIM], tl.float32)
     cnt = tl.zeros([QP], tl.int32)
+    unit = _unit(sm_scale, SOFTCAP)
     t_end = p1
     if not DENSE:  # a trip count known before the page count is: the first page indices load beside it
         t_end = p0 + tiles_per_split * PAGES_PER_TILE
@@ -73,14 +74,9 @@ def _decode_split_kernel(
         k = tl.load(k_base + key[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
         s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, m_i, l_i, acc = _softmax_step(s, unit, m_i, l_i, acc, True)
         v = tl.load(v_base + key[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
-        acc = _accumulate(acc * alpha[:, None], p, v, UPCAST)
-        m_i = m_new
+        acc = _accumulate(acc, p, v, UPCAST)
         if COUNTING:
             cnt += tl.sum(key_ok.to(tl.int32), 0)
 

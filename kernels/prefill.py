@@ -23,7 +23,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _scores(q, k, sm_scale, softcap, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
-    """Logits in log2 units of a query tile against a key tile (keys as rows)."""
+    """Logits of a query tile against a key tile (keys as rows), in log2 units once multiplied by ``_unit``: the
+    plain product (the scale goes into the exponent's fused multiply-add), or soft-capped in log2 units."""
     if UPCAST:  # the CPU interpreter multiplies bf16 wrongly; emulate in float32
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
@@ -31,9 +32,15 @@ def _scores(q, k, sm_scale, softcap, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr
     if SOFTCAP:
         x = s * (sm_scale / softcap)
         s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
-    else:
-        s = s * (sm_scale * 1.4426950408889634)
     return s
+
+
+@triton.jit
+def _unit(sm_scale, SOFTCAP: tl.constexpr):
+    """Factor from ``_scores``' logits to log2 units."""
+    if SOFTCAP:
+        return 1.0
+    return sm_scale * 1.4426950408889634
 
 
 @triton.jit
@@ -45,6 +52,18 @@ def _accumulate(acc, p, v, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, c, m_i, l_i, acc, MASKED: tl.constexpr):
+    """Online softmax over a tile of logits ``s`` (log2 units / ``c``): the tile's probabilities p, and m_i, l_i,
+    acc moved to the new running max with p's sum added to l_i (p @ v is still to add to acc). MASKED: rows may
+    see no key yet (-inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
+    p = tl.math.exp2(s * c - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _masked_step(q, k, v_ptrs, v_desc, v_row, key, key_ok, pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window,
                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One online-softmax step over a key tile that needs masking (keys may be invalid or not visible)."""
@@ -53,30 +72,22 @@ def _masked_step(q, k, v_ptrs, v_desc, v_row, key, key_ok, pos_m, m_i, l_i, acc,
     if WINDOW:
         ok = ok & (key[None, :] > pos_m[:, None] - window)
     s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, m_i, l_i, acc = _softmax_step(s, _unit(sm_scale, SOFTCAP), m_i, l_i, acc, True)
     if TMA:  # a tile past the end reads rows beyond the keys (any bits, even NaN) or zeros: clear them
         v = tl.where(key_ok[:, None], v_desc.load([v_row, 0]), 0.0)
     else:
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-    acc = _accumulate(acc * alpha[:, None], p, v, UPCAST)
+    acc = _accumulate(acc, p, v, UPCAST)
     cnt += tl.sum(ok.to(tl.int32), 1)
-    return m_new, l_i, acc, cnt
+    return m_i, l_i, acc, cnt
 
 
 @triton.jit
 def _unmasked_step(q, k, v_ptrs, m_i, l_i, acc, sm_scale, softcap, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step over gathered keys that every row sees."""
     s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = _accumulate(acc * alpha[:, None], p, tl.load(v_ptrs), UPCAST)
-    return m_new, l_i, acc
+    p, m_i, l_i, acc = _softmax_step(s, _unit(sm_scale, SOFTCAP), m_i, l_i, acc, False)
+    return m_i, l_i, _accumulate(acc, p, tl.load(v_ptrs), UPCAST)
 
 
 @triton.jit
@@ -115,6 +126,7 @@ def _sparse_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cnt = tl.zeros([BLOCK_M], tl.int32)
+    unit = _unit(sm_scale, SOFTCAP)
 
     # full tiles: every key visible to every row of the block
     n_full = tl.load(FULL_N + row)
@@ -126,16 +138,12 @@ def _sparse_prefill_kernel(
         else:
             k = tl.load(k_base + key[:, None] * stride_kn)
         s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, m_i, l_i, acc = _softmax_step(s, unit, m_i, l_i, acc, False)
         if TMA:
             v = V_DESC.load([desc_row + start, 0])
         else:
             v = tl.load(v_base + key[:, None] * stride_vn)
-        acc = _accumulate(acc * alpha[:, None], p, v, UPCAST)
-        m_i = m_new
+        acc = _accumulate(acc, p, v, UPCAST)
         if COUNT:
             cnt += BLOCK_N
 
