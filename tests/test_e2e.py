@@ -116,6 +116,25 @@ def test_dense_selection_policy_reproduces_the_eager_model(phase):
     assert gen.run.stats.realised_sparsity == pytest.approx(0.0)
 
 
+def test_row_chunks_past_a_sliding_window_attend_only_over_its_keys(monkeypatch):
+    """With 16-row chunks, the sliding layer's later chunks start past the window (8) and attend over the keys
+    from their first row's window on: same logits as the eager model, and a sparse selection gives the same
+    outputs as one chunk over all keys."""
+    model = tiny_gemma3()
+    ids = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(4))
+    policy = HandPolicy(block_selection)
+    rule = get_budget_rule("uniform")
+
+    def sparse_outputs():
+        return layer_outputs(model, 0, lambda: e2e.generate(model, ids, policy, rule, 0.5, max_new_tokens=1))[0]
+
+    whole = sparse_outputs()  # ROW_CHUNK (512) rows: one chunk over every key
+    monkeypatch.setattr(e2e, "ROW_CHUNK", 16)
+    gen = e2e.generate(model, ids, None, None, 0.0, max_new_tokens=4, keep_logits=True)
+    torch.testing.assert_close(torch.stack(gen.logits), dense_logits(model, ids, gen.tokens), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse_outputs(), whole, atol=1e-6, rtol=1e-5)
+
+
 def block_selection(view: LayerView, budget: Budget) -> BlockMask:
     """Per query head a different fixed block pattern: sink block, diagonal, and every third block."""
     n_blocks = -(-view.n_keys // 8)

@@ -129,7 +129,8 @@ def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, 
 
     On GPU one call to ``kernels.run_selection`` (the Triton kernel the Selection names; the torch reference for a
     Selection no kernel runs as it stands, such as 16-token blocks). On CPU the Selection's
-    mask (causal and sliding window applied) is computed with torch's fused SDPA, ``ROW_CHUNK`` rows at a time;
+    mask (causal and sliding window applied) is computed with torch's fused SDPA, ``ROW_CHUNK`` rows at a time over
+    the keys those rows can see (from the first row's window on);
     layers with a logit soft-cap, which SDPA lacks, go through the torch reference of ``kernels/reference``.
     """
     if q.is_cuda:
@@ -154,10 +155,11 @@ def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, 
             outs.append(run.out)
             cells += int(run.cells.sum())
             continue
-        allowed = visible(part, n, window)[None].expand(n_q, -1, -1)
+        lo = max(0, int(part[0]) - window + 1) if window else 0  # keys before the first row's window: invisible
+        allowed = visible(part, n, window)[None, :, lo:].expand(n_q, -1, -1)
         if not dense:
-            allowed = allowed & expand_heads(selection.mask(part, n), n_q)
-        out = F.scaled_dot_product_attention(qs[None], k[None, :, :n], v[None, :, :n], attn_mask=allowed[None],
+            allowed = allowed & expand_heads(selection.mask(part, n)[..., lo:], n_q)
+        out = F.scaled_dot_product_attention(qs[None], k[None, :, lo:n], v[None, :, lo:n], attn_mask=allowed[None],
                                              scale=scale, enable_gqa=True)[0]
         outs.append(out.nan_to_num(0.0))  # a row with no cell selected outputs zeros, as the reference does
         cells += int(allowed.sum())
