@@ -156,7 +156,7 @@ def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, 
             cells += int(run.cells.sum())
             continue
         lo = max(0, int(part[0]) - window + 1) if window else 0  # keys before the first row's window: invisible
-        allowed = visible(part, n, window)[None, :, lo:].expand(n_q, -1, -1)
+        allowed = visible(part - lo, n - lo, window)[None].expand(n_q, -1, -1)  # keys lo..n-1 (visibility: j - row)
         if not dense:
             allowed = allowed & expand_heads(selection.mask(part, n)[..., lo:], n_q)
         out = F.scaled_dot_product_attention(qs[None], k[None, :, lo:n], v[None, :, lo:n], attn_mask=allowed[None],
