@@ -35,14 +35,9 @@ from sparse_frontier.kernels.prefill import sparse_prefill  # noqa: E402
 from sparse_frontier.kernels.reference import masked_attention  # noqa: E402
 from sparse_frontier.policies.selection import BlockMask, VerticalSlash  # noqa: E402
 
-BLOCK = {"old_n128_w8": {"BLOCK_N": 128, "num_warps": 8}, "base": {}, "s3": {"num_stages": 3},
-         "n32": {"BLOCK_N": 32}, "n32_s3": {"BLOCK_N": 32, "num_stages": 3}, "m2": {"M_SPLIT": 2}}
-VS = {"base": {}, "w4": {"num_warps": 4}, "w4_split": {"num_warps": 4, "COL_SPLIT": True},
-      "m2_w4_split": {"M_SPLIT": 2, "num_warps": 4, "COL_SPLIT": True},
-      "m2_w4_split_s3": {"M_SPLIT": 2, "num_warps": 4, "COL_SPLIT": True, "num_stages": 3}}
-DECODE = {"base": {}, "rows64": {"q_rows": 64}, "rows64_s3": {"q_rows": 64, "num_stages": 3},
-          "rows64_ppt8": {"q_rows": 64, "pages_per_tile": 8}, "rows64_w8": {"q_rows": 64, "num_warps": 8},
-          "base_again": {}}
+BLOCK = {"base": {}}
+VS = {"base": {}}
+DECODE = {"base": {}, "base_again": {}}
 
 
 def rel_err(out, ref) -> float:

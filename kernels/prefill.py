@@ -3,7 +3,8 @@
 One program computes one (query head, query block), or a part of its rows (``M_SPLIT``): it walks the
 layout's full key tiles (no mask), then its partial tiles (causal, sequence end, sliding window), then its
 gathered columns, with an online softmax in float32 (bf16/fp16 inputs). K/V are read at
-``query head // group``: GQA without repeating them. Programs are launched heaviest query block first, so
+``query head // group``: GQA without repeating them. Programs are launched KV head by KV head, so the
+programs running at once share their keys and values in L2, and heaviest query block first within each, so
 the long causal rows do not trail at the end.
 """
 
@@ -65,7 +66,8 @@ def _softmax_step(s, c, m_i, l_i, acc, MASKED: tl.constexpr):
 
 @triton.jit
 def _masked_step(q, k, v_ptrs, v_desc, v_row, key, key_ok, pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window,
-                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+                 COUNT: tl.constexpr):
     """One online-softmax step over a key tile that needs masking (keys may be invalid or not visible)."""
     s = _scores(q, k, sm_scale, softcap, SOFTCAP, UPCAST)
     ok = key_ok[None, :] & (key[None, :] <= pos_m[:, None])
@@ -78,7 +80,8 @@ def _masked_step(q, k, v_ptrs, v_desc, v_row, key, key_ok, pos_m, m_i, l_i, acc,
     else:
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
     acc = _accumulate(acc, p, v, UPCAST)
-    cnt += tl.sum(ok.to(tl.int32), 1)
+    if COUNT:
+        cnt += tl.sum(ok.to(tl.int32), 1)
     return m_i, l_i, acc, cnt
 
 
@@ -117,7 +120,8 @@ def _sparse_prefill_kernel(
     row_ok = offs_m < n_rows
     # offsets of whole heads and rows in int64: a long prompt or a large cache passes 2**31 elements
     q_rows = h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
-    q = tl.load(Q + q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # q is read once and o written once: leave L2 to the keys and values the other programs of this KV head read
+    q = tl.load(Q + q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
     k_base = K + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
     v_base = V + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
     desc_row = kvh * kv_rows  # first row of this KV head in the [heads * kv_rows, d] descriptors
@@ -170,7 +174,7 @@ def _sparse_prefill_kernel(
             k = tl.load(k_base + key[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
         m_i, l_i, acc, cnt = _masked_step(q, k, v_base + key[:, None] * stride_vn, V_DESC, desc_row + start, key,
                                           key_ok, pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window,
-                                          SOFTCAP, WINDOW, UPCAST, TMA)
+                                          SOFTCAP, WINDOW, UPCAST, TMA, COUNT)
 
     # gathered columns (vertical-slash verticals not covered by a slash range), BLOCK_C at a time: first the
     # whole tiles of those every row sees (no mask), then the rest
@@ -193,13 +197,13 @@ def _sparse_prefill_kernel(
             k = tl.load(k_base + key[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
             m_i, l_i, acc, cnt = _masked_step(q, k, v_base + key[:, None] * stride_vn, V_DESC, 0, key, col_ok,
                                               pos_m, m_i, l_i, acc, cnt, sm_scale, softcap, window, SOFTCAP, WINDOW,
-                                              UPCAST, False)
+                                              UPCAST, False, COUNT)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_rows = h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
-    tl.store(O + o_rows + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + o_rows + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None], cache_modifier=".cs")
     tl.store(LSE + h * n_rows + offs_m, lse, mask=row_ok)
     if COUNT:
         tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)
@@ -237,13 +241,17 @@ def _rows_descriptor(x: Tensor, rows_per_head: int, block_n: int):
     return TensorDescriptor(x, shape=[rows, x.shape[2]], strides=[x.stride(1), 1], block_shape=[block_n, x.shape[2]])
 
 
-def schedule(layout: PrefillLayout, n_heads: int, qblock0: int, n_qblocks: int, m_split: int = 1) -> Tensor:
-    """Program order: (query head, local query block, part of the block) items, heaviest first (stable,
-    head-major on ties)."""
+def schedule(layout: PrefillLayout, n_heads: int, qblock0: int, n_qblocks: int, group: int,
+             m_split: int = 1) -> Tensor:
+    """Program order: (query head, local query block, part of the block) items, KV head by KV head (``group``
+    query heads each) and heaviest first within each (stable: head-major on ties). The programs running at once
+    then read one KV head's keys and values, which stay in L2, and the long causal rows do not trail at the end."""
     heads_per_mask = n_heads // layout.heads
     weight = layout.weight()[:, qblock0:qblock0 + n_qblocks].repeat_interleave(heads_per_mask, dim=0)
-    return torch.argsort(weight.repeat_interleave(m_split, dim=1).flatten(), descending=True,
-                         stable=True).to(torch.int32)
+    weight = weight.repeat_interleave(m_split, dim=1).long()
+    kv = torch.arange(n_heads, device=weight.device) // group
+    weight = weight - (kv * (int(weight.max()) + 1))[:, None]
+    return torch.argsort(weight.flatten(), descending=True, stable=True).to(torch.int32)
 
 
 def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale: float, q_start: int = 0,
@@ -287,9 +295,9 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     lse = torch.empty(n_heads, n_rows, dtype=torch.float32, device=device)
     cnt = torch.zeros(n_heads, n_rows, dtype=torch.int32, device=device) if count else lse
     m_split = cfg.pop("M_SPLIT")
-    key = (n_heads, qblock0, n_local, m_split, str(device))
+    key = (n_heads, n_kv, qblock0, n_local, m_split, str(device))
     if key not in layout.schedules:
-        layout.schedules[key] = schedule(layout, n_heads, qblock0, n_local, m_split).to(device)
+        layout.schedules[key] = schedule(layout, n_heads, qblock0, n_local, n_heads // n_kv, m_split).to(device)
     order = layout.schedules[key]
     has_cols = layout.col_count is not None
     part_end = layout.part_end if layout.part_end is not None else layout.part_index

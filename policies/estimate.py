@@ -87,22 +87,26 @@ def _compute_stats(view: LayerView, windows: list[int]) -> dict[int, WindowStats
     queries = view.queries_at(positions.to(view.q_positions.device)).float()
     if not view.softcap:
         queries = queries * view.scale  # fold the scale in: one pass less over the logits
-    keys = view.k[:, :end].float()
+    # a sliding window hides the keys before the first query's window: they stay zero in the buffer
+    lo = max(0, int(positions[0]) - view.sliding_window + 1) if view.sliding_window else 0
+    keys = view.k[:, lo:end].float()
     buf = torch.zeros(wm, wm + end, device=keys.device)
     probs = buf[:, wm:]
+    seen = probs[:, lo:]
     if view.sliding_window:
-        hidden = ~visible(positions.to(keys.device), end, view.sliding_window)
+        hidden = ~visible(positions.to(keys.device) - lo, end - lo, view.sliding_window)
     else:  # only the window's own corner holds future keys
         hidden = torch.ones(wm, wm, dtype=torch.bool, device=keys.device).triu(1)
+    logits = torch.empty(wm, end - lo, device=keys.device)
     stride = wm + end + 1
     out = {w: [torch.empty(view.n_query_heads, end) for _ in range(3)] for w in sizes}
     for h in range(view.n_query_heads):
-        torch.matmul(queries[h], keys[h // view.group].T, out=probs)
+        torch.matmul(queries[h], keys[h // view.group].T, out=logits)
         if view.softcap:
-            probs.mul_(view.scale / view.softcap).tanh_().mul_(view.softcap)
-        (probs if view.sliding_window else probs[:, end - wm :]).masked_fill_(hidden, float("-inf"))
-        probs.sub_(probs.amax(-1, keepdim=True)).exp_()  # (logsumexp is several times slower on CPU)
-        probs.div_(probs.sum(-1, keepdim=True))
+            logits.mul_(view.scale / view.softcap).tanh_().mul_(view.softcap)
+        (logits if view.sliding_window else logits[:, end - wm :]).masked_fill_(hidden, float("-inf"))
+        logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (logsumexp is several times slower on CPU)
+        torch.div(logits, logits.sum(-1, keepdim=True), out=seen)
         vertical = torch.zeros(end, device=keys.device)
         slash = torch.zeros(end, device=keys.device)
         peak = torch.zeros(end, device=keys.device)

@@ -77,22 +77,29 @@ def causal_unit_cells(rows: Tensor, size: int, n_keys: int) -> Tensor:
     return seen.clamp(min=0, max=size).float()
 
 
-def sorted_cumsum(x: Tensor, rows: Tensor, chunk: int = 32) -> Tensor:
-    """Cumulative sums of ``x [H, R, T]`` (non-negative) sorted descending along keys, where x is zero after each
-    (ascending) row's position: only the keys up to each block of rows are sorted (numpy's vectorised sort on CPU)."""
-    # on CPU numpy's allocation: its large arrays get transparent huge pages (far fewer page faults)
-    out = torch.from_numpy(np.empty_like(x.numpy())) if x.device.type == "cpu" else torch.empty_like(x)
+def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, chunk: int = 32) -> Tensor:
+    """Cumulative sums [H, R, W] of ``x [H, R, T]`` (non-negative) sorted descending along keys, where x is zero
+    after each (ascending) row's position and, with ``sliding_window``, before its window: only the keys a block
+    of rows can see are sorted (numpy's vectorised sort on CPU). W is the most keys a block sees (T without a
+    window); a row's sums past its block's keys repeat the last one."""
     n_keys = x.shape[-1]
+    spans = []
     for start in range(0, x.shape[1], chunk):
         stop = min(start + chunk, x.shape[1])
         hi = min(int(rows[stop - 1]) + 1, n_keys)
-        part = x[:, start:stop, :hi]
+        spans.append((start, stop, max(0, int(rows[start]) - sliding_window + 1) if sliding_window else 0, hi))
+    width = max((hi - lo for *_, lo, hi in spans), default=1)
+    # on CPU numpy's allocation: its large arrays get transparent huge pages (far fewer page faults)
+    shape = (*x.shape[:2], width)
+    out = torch.from_numpy(np.empty(shape, np.float32)) if x.device.type == "cpu" else x.new_empty(shape)
+    for start, stop, lo, hi in spans:
+        part = x[:, start:stop, lo:hi]
         if part.device.type == "cpu":  # x >= 0: its bits sort as int32 in the same order, and faster
             ranked = torch.from_numpy(np.sort(part.numpy().view(np.int32), axis=-1)[..., ::-1].view(np.float32).copy())
         else:
             ranked = torch.sort(part, dim=-1, descending=True).values
-        torch.cumsum(ranked, dim=-1, out=out[:, start:stop, :hi])
-        out[:, start:stop, hi:] = out[:, start:stop, hi - 1 : hi]
+        torch.cumsum(ranked, dim=-1, out=out[:, start:stop, : hi - lo])
+        out[:, start:stop, hi - lo :] = out[:, start:stop, hi - lo - 1 : hi - lo]
     return out
 
 
@@ -107,10 +114,12 @@ class Ranking:
     """Units ranked by true mass, for ``probs [H, R, T]`` of query rows ``rows`` (H = query heads of whole groups).
 
     Built once; ``mass_at``, ``cells_at`` and ``unit_mask`` answer any budget ``n`` (units kept, per ranking
-    head and row, [Hr, R]) where Hr = H (head sharing) or H / group (group sharing).
+    head and row, [Hr, R]) where Hr = H (head sharing) or H / group (group sharing). With ``sliding_window``
+    (probs zero before each row's window) per-head tokens are sorted over the window's keys only.
     """
 
-    def __init__(self, probs: Tensor, rows: Tensor, granularity: Granularity, group: int = 1):
+    def __init__(self, probs: Tensor, rows: Tensor, granularity: Granularity, group: int = 1,
+                 sliding_window: int | None = None):
         self.g = granularity
         self.rows = rows
         self.group = group if granularity.sharing == "group" else 1
@@ -136,7 +145,7 @@ class Ranking:
         self.fast = granularity.unit == "token" and self.group == 1
         if self.fast:  # per-head token ranking: sorted values are enough (non-causal keys have mass 0)
             self.order = None
-            self.own_csum = sorted_cumsum(mass, rows)
+            self.own_csum = sorted_cumsum(mass, rows, sliding_window)
             self.score_csum = self.own_csum
             return
         units = torch.arange(self.n_units, device=probs.device)
@@ -192,7 +201,8 @@ class Ranking:
     def mass_at(self, n: Tensor) -> Tensor:
         """True mass [H, R] of the top ``n`` units ([Hr, R]) for each query head."""
         n = self._heads(self.causal_budget(n))
-        got = self.own_csum.gather(-1, (n - 1).clamp(min=0)[..., None]).squeeze(-1)
+        last = (n - 1).clamp(min=0, max=self.own_csum.shape[-1] - 1)  # the per-head token sums stop at the window
+        got = self.own_csum.gather(-1, last[..., None]).squeeze(-1)
         return torch.where(n > 0, got, torch.zeros_like(got))
 
     def cells_at(self, n: Tensor) -> Tensor:
@@ -306,7 +316,7 @@ class OracleTopK(PolicyBase):
 
     def select(self, view: LayerView, budget: Budget) -> Selection:
         rows = _rows(view)
-        ranking = Ranking(view_probs(view, rows), rows, self.granularity, view.group)
+        ranking = Ranking(view_probs(view, rows), rows, self.granularity, view.group, view.sliding_window)
         fraction = ranking.share_mean(fraction_per_query_head(budget, view.n_query_heads))
         return to_selection(ranking, self.units(ranking, budget, fraction))
 

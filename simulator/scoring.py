@@ -462,7 +462,8 @@ class _Group:
 
     def ranking(self, gran: Granularity) -> Ranking:
         if gran not in self.rankings:
-            self.rankings[gran] = Ranking(self.probs.data, self.s.rows.positions, gran, self.s.group)
+            self.rankings[gran] = Ranking(self.probs.data, self.s.rows.positions, gran, self.s.group,
+                                         self.s.view.sliding_window)
         return self.rankings[gran]
 
     def _expand(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from sparse_frontier.kernels.layout import (  # noqa: E402
     page_layout,
     vertical_slash_layout,
 )
-from sparse_frontier.kernels.prefill import sparse_prefill  # noqa: E402
+from sparse_frontier.kernels.prefill import schedule, sparse_prefill  # noqa: E402
 from sparse_frontier.kernels.reference import masked_attention, visible  # noqa: E402
 from sparse_frontier.policies.selection import (  # noqa: E402
     BlockMask,
@@ -81,6 +81,21 @@ def test_block_layout_drops_blocks_above_the_diagonal_and_outside_the_window():
     # with a 64-key window, query block 3 (rows 192..255) sees key blocks 2 (partly) and 3 only
     assert layout.full_count[0].tolist() == [0, 0, 0, 0]
     assert layout.part_count[0].tolist() == [1, 2, 2, 2]
+
+
+def test_schedule_runs_kv_head_by_kv_head_heaviest_first():
+    """4 query heads over 2 KV heads, 3 query blocks, one mask per query head: items (head * 3 + block) in the
+    order worked out by hand from the tile counts."""
+    blocks = torch.zeros(4, 3, 3, dtype=torch.bool)
+    blocks[:, 0, 0] = True  # every head: block 0 sees its diagonal (1 tile)
+    blocks[:, 1, :2] = True  # block 1: 2 tiles
+    blocks[:, 2, 2] = True  # block 2: 1 tile ...
+    blocks[3, 2, :] = True  # ... but 3 for head 3
+    layout = block_sparse_layout(BlockMask(blocks, 64, 64), n_keys=192)
+    # KV head 0 (heads 0, 1): the 2-tile blocks first, then the 1-tile ones, head-major; then KV head 1
+    assert schedule(layout, 4, 0, 3, group=2).tolist() == [1, 4, 0, 2, 3, 5, 11, 7, 10, 6, 8, 9]
+    # two programs per query block: each item's halves stay together
+    assert schedule(layout, 4, 0, 3, group=4, m_split=2).tolist()[:4] == [22, 23, 2, 3]
 
 
 def test_block_layout_refuses_blocks_the_kernel_does_not_run():

@@ -310,6 +310,31 @@ def test_quest_on_a_sliding_layer_only_ranks_pages_inside_the_window():
     assert set(sel.pages[0, 0].tolist()) - {-1} == {6, 7, 8, 9}
 
 
+@pytest.mark.parametrize("window", [3, 6, 40])
+def test_window_statistics_on_a_sliding_layer_by_hand(window):
+    """The last 8 prompt queries' attention (vertical sums, peaks, slash sums) with each row's softmax over its
+    sliding window only, computed with plain loops."""
+    from sparse_frontier.policies.estimate import window_stats
+
+    view = make_view(t=40, hq=2, hkv=1, d=4, seed=5)
+    view.sliding_window = window
+    stats = window_stats(view, 8)
+    for h in range(2):
+        vertical, slash, peak = [0.0] * 40, [0.0] * 40, [0.0] * 40
+        for i in range(32, 40):
+            seen = range(max(0, i - window + 1), i + 1)
+            logits = {j: float(view.q[h, i] @ view.k[0, j]) * view.scale for j in seen}
+            top = max(logits.values())
+            total = sum(math.exp(x - top) for x in logits.values())
+            for j, x in logits.items():
+                p = math.exp(x - top) / total
+                vertical[j] += p
+                slash[i - j] += p
+                peak[j] = max(peak[j], p)
+        for got, want in ((stats.vertical, vertical), (stats.slash, slash), (stats.peak, peak)):
+            assert torch.allclose(got[h], torch.tensor(want), atol=1e-6)
+
+
 # ---------------------------------------------------------------- sink + local, dense
 
 

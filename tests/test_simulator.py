@@ -272,6 +272,23 @@ def test_oracle_topp_is_the_smallest_set_reaching_p():
     assert (rank.mass_at(n - 1) < 0.8).all()
 
 
+@pytest.mark.parametrize("window", [1, 7, 40, 500])
+def test_token_ranking_over_the_window_equals_the_full_rows(window):
+    """Sorting only the keys a sliding window shows gives the same cumulative masses, to the bit, as sorting the
+    whole rows (whose keys outside the window have mass 0)."""
+    gen = torch.Generator().manual_seed(window)
+    rows = torch.sort(torch.randperm(300, generator=gen)[:90]).values
+    probs = true_attention(torch.randn(3, 90, 8, generator=gen) * 2, torch.randn(3, 300, 8, generator=gen) * 2,
+                           rows, 0.5, sliding_window=window)
+    full, windowed = Ranking(probs, rows, Granularity()), Ranking(probs, rows, Granularity(), sliding_window=window)
+    seen = max(int(rows[min(i + 31, 89)] - rows[i]) + window for i in range(0, 90, 32))  # by a block of 32 rows
+    assert windowed.own_csum.shape[-1] <= min(300, seen)
+    for n in [torch.randint(0, 301, (3, 90), generator=gen), torch.full((3, 90), window), torch.full((3, 90), 300)]:
+        assert torch.equal(full.mass_at(n), windowed.mass_at(n))
+    for p in (0.3, 0.9, 1.0):
+        assert torch.equal(full.mass_budget(p), windowed.mass_budget(p))
+
+
 def test_oracle_policies_select_from_the_view(tmp_path):
     write_random_trace(tmp_path / "t.zarr", n_tokens=96)
     view = TraceStore(str(tmp_path / "t.zarr")).layer_view(0)
