@@ -24,6 +24,11 @@ def scale_logits_(logits: Tensor, scale: float, softcap: float | None = None) ->
     return logits
 
 
+def first_visible(row: int, sliding_window: int | None = None) -> int:
+    """First key a query at position ``row`` sees: 0, or the start of its sliding window."""
+    return max(0, int(row) - sliding_window + 1) if sliding_window else 0
+
+
 def visible(rows: Tensor, n_keys: int, sliding_window: int | None = None) -> Tensor:
     """Keys each query row may see [R, T]: causal, and within the sliding window when the layer has one."""
     mask = causal(rows, n_keys)

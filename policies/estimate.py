@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparse_frontier.kernels.reference import visible
+from sparse_frontier.kernels.reference import first_visible, visible
 
 from .base import LayerView
 
@@ -88,7 +88,7 @@ def _compute_stats(view: LayerView, windows: list[int]) -> dict[int, WindowStats
     if not view.softcap:
         queries = queries * view.scale  # fold the scale in: one pass less over the logits
     # a sliding window hides the keys before the first query's window: they stay zero in the buffer
-    lo = max(0, int(positions[0]) - view.sliding_window + 1) if view.sliding_window else 0
+    lo = first_visible(positions[0], view.sliding_window)
     keys = view.k[:, lo:end].float()
     buf = torch.zeros(wm, wm + end, device=keys.device)
     probs = buf[:, wm:]

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparse_frontier.kernels.reference import first_visible
+
 from .base import Budget, LayerView, PolicyBase
 from .selection import BlockMask, PageSet, Selection, TokenSet
 
@@ -87,7 +89,7 @@ def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, ch
     for start in range(0, x.shape[1], chunk):
         stop = min(start + chunk, x.shape[1])
         hi = min(int(rows[stop - 1]) + 1, n_keys)
-        spans.append((start, stop, max(0, int(rows[start]) - sliding_window + 1) if sliding_window else 0, hi))
+        spans.append((start, stop, first_visible(rows[start], sliding_window), hi))
     width = max((hi - lo for *_, lo, hi in spans), default=1)
     # on CPU numpy's allocation: its large arrays get transparent huge pages (far fewer page faults)
     shape = (*x.shape[:2], width)

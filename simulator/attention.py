@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparse_frontier.kernels.reference import scale_logits_, visible
+from sparse_frontier.kernels.reference import first_visible, scale_logits_, visible
 
 ROW_BLOCK = 16
 
@@ -73,7 +73,7 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
     blocks = []
     for start in range(0, n_rows, row_block):
         stop = min(start + row_block, n_rows)
-        lo = max(0, at[start] - sliding_window + 1) if sliding_window else 0
+        lo = first_visible(at[start], sliding_window)
         blocks.append((start, stop, lo, at[stop - 1] + 1, lo if sliding_window else at[start] + 1))
     # the masks of keys cut:hi of every block at once: visibility depends on key - row alone
     cuts = torch.tensor([cut for start, stop, *_, cut in blocks for _ in range(start, stop)],

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_frontier.kernels import run_selection
-from sparse_frontier.kernels.reference import visible
+from sparse_frontier.kernels.reference import first_visible, visible
 from sparse_frontier.policies.base import Budget, BudgetRule, LayerView, Policy
 from sparse_frontier.policies.selection import Dense, KeptKeys, Selection, TokenSet, expand_heads
 
@@ -155,7 +155,7 @@ def attend(selection: Selection, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, 
             outs.append(run.out)
             cells += int(run.cells.sum())
             continue
-        lo = max(0, int(part[0]) - window + 1) if window else 0  # keys before the first row's window: invisible
+        lo = first_visible(part[0], window)  # keys before the first row's window: invisible
         allowed = visible(part - lo, n - lo, window)[None].expand(n_q, -1, -1)  # keys lo..n-1 (visibility: j - row)
         if not dense:
             allowed = allowed & expand_heads(selection.mask(part, n)[..., lo:], n_q)
