@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import sparse_frontier.cli  # noqa: F401  # isort: skip - first: it chooses numpy's sort code before numpy loads
 from simulate import synthetic_trace
 
 from sparse_frontier.simulator.sweep import Settings, Spec, run_sweep

@@ -23,19 +23,20 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 SEED_METHODS = ["vertical_slash", "flexprefill", "block_sparse", "snapkv", "ada_snapkv", "quest"]
 SPARSITIES = [0.5, 0.67, 0.8, 0.9, 0.933, 0.95]
 
 
 def main() -> None:
     """Run both ways and report the speed-up."""
+    import sparse_frontier.cli  # noqa: F401 - first: it chooses numpy's sort code before numpy loads
     from sparse_frontier.simulator.results import load_parts
     from sparse_frontier.simulator.sweep import Settings, Spec, run_sweep
     from sparse_frontier.tracer import e2e
     from sparse_frontier.tracer.capture import TransformersBackend, capture
     from sparse_frontier.tracer.tasks import make_task
+
+    import torch  # isort: skip
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")

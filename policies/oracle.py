@@ -96,8 +96,10 @@ def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, ch
     out = torch.from_numpy(np.empty(shape, np.float32)) if x.device.type == "cpu" else x.new_empty(shape)
     for start, stop, lo, hi in spans:
         part = x[:, start:stop, lo:hi]
-        if part.device.type == "cpu":  # x >= 0: its bits sort as int32 in the same order, and faster
-            ranked = torch.from_numpy(np.sort(part.numpy().view(np.int32), axis=-1)[..., ::-1].view(np.float32).copy())
+        if part.device.type == "cpu":  # x >= 0: its bits sort as int32 in the same order (negated: descending)
+            bits = np.negative(part.numpy().view(np.int32))
+            bits.sort(axis=-1)
+            ranked = torch.from_numpy(np.negative(bits, out=bits).view(np.float32))
         else:
             ranked = torch.sort(part, dim=-1, descending=True).values
         torch.cumsum(ranked, dim=-1, out=out[:, start:stop, : hi - lo])

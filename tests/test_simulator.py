@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from click.testing import CliRunner
 from conftest import write_random_trace
 from hypothesis import given, settings
 
+from sparse_frontier.cli import prefer_avx2_sort, zen4_with_avx512
 from sparse_frontier.cli.main import cli
 from sparse_frontier.kernels.reference import masked_attention, selection_attention
 from sparse_frontier.policies.base import Budget
-from sparse_frontier.policies.oracle import Granularity, OracleTopK, OracleTopP, Ranking, to_selection
+from sparse_frontier.policies.oracle import Granularity, OracleTopK, OracleTopP, Ranking, sorted_cumsum, to_selection
 from sparse_frontier.policies.selection import (
     BlockMask,
     Dense,
@@ -287,6 +289,41 @@ def test_token_ranking_over_the_window_equals_the_full_rows(window):
         assert torch.equal(full.mass_at(n), windowed.mass_at(n))
     for p in (0.3, 0.9, 1.0):
         assert torch.equal(full.mass_budget(p), windowed.mass_budget(p))
+
+
+def test_sorted_cumsum_is_the_descending_sort_summed():
+    """The token oracle's sums (an int32 sort of the probabilities' negated bits) equal torch's descending sort
+    summed, to the bit, ties and zeros included; past a block's causal keys a row repeats its last sum."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.sort(torch.randperm(200, generator=gen)[:70]).values
+    probs = true_attention(torch.randn(2, 70, 8, generator=gen), torch.randn(2, 200, 8, generator=gen), rows, 0.5)
+    probs[:, ::3, :20] = 0.25  # ties
+    probs = probs * causal(rows, 200)[None]
+    sums = sorted_cumsum(probs, rows, chunk=32)
+    expected = torch.sort(probs, dim=-1, descending=True).values.cumsum(-1)
+    assert torch.equal(sums, expected[..., : sums.shape[-1]])
+    assert sums.shape[-1] == int(rows[-1]) + 1
+
+
+def test_numpy_sort_choice_on_zen4():
+    """``frontier`` asks numpy for its AVX2 sort on AMD Zen 4 with AVX-512, and on nothing else; a value the user
+    set is kept, and numpy before 2.4 (other feature names) is left alone."""
+    zen4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx2 avx512f avx512bw\n"
+    zen3 = zen4.replace(" avx512f avx512bw", "")
+    zen5 = zen4.replace(": 25", ": 26")
+    intel = zen4.replace("AuthenticAMD", "GenuineIntel").replace(": 25", ": 6")
+    assert zen4_with_avx512(zen4) and not any(map(zen4_with_avx512, (zen3, zen5, intel)))
+    assert "numpy" in sys.modules  # this process: too late to choose, so nothing is set
+    assert not prefer_avx2_sort({}, zen4, "2.4.6")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delitem(sys.modules, "numpy")
+        chosen = {}
+        assert prefer_avx2_sort(chosen, zen4, "2.4.6")
+        assert chosen == {"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+        for cpu, version, env in ((intel, "2.4.6", {}), (zen4, "2.3.5", {}),
+                                  (zen4, "2.4.6", {"NPY_DISABLE_CPU_FEATURES": ""})):
+            before = dict(env)
+            assert not prefer_avx2_sort(env, cpu, version) and env == before
 
 
 def test_oracle_policies_select_from_the_view(tmp_path):
