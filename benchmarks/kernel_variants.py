@@ -1,6 +1,6 @@
 """Check and time launch variants of the Triton kernels against their current defaults, in one run.
 
-    python benchmarks/kernel_variants.py --out variants.json
+    python benchmarks/kernel_variants.py --out variants.json [--variant vs w8 '{"num_warps": 8}' ...]
 
 Each variant is first checked against the torch reference (2K tokens, fresh random inputs) and then timed
 beside the default at the shapes of benchmarks/kernels.py; the default is timed twice to show the noise.
@@ -271,7 +271,12 @@ def main():
     parser.add_argument("--out", default="variants.json")
     parser.add_argument("--sections", nargs="+", default=["block", "vs", "decode", "fixed"])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (script check)")
+    parser.add_argument("--variant", nargs=3, action="append", default=[], metavar=("KERNEL", "NAME", "JSON"),
+                        help="a variant to time beside the default: block|vs|decode, its name, its launch options "
+                             "as JSON (e.g. vs w8 '{\"num_warps\": 8}'); repeatable")
     args = parser.parse_args()
+    for kernel, name, options in args.variant:
+        {"block": BLOCK, "vs": VS, "decode": DECODE}[kernel][name] = json.loads(options)
     if args.smoke:
         kb.DEVICE, kb.HQ, kb.HKV, kb.D = "cpu", 4, 2, 16
         kb.SCALE = kb.D ** -0.5

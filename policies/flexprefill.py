@@ -131,7 +131,9 @@ class FlexPrefill(PolicyBase):
         return mass_count(vertical, alpha), mass_count(slash, alpha)
 
     def _at(self, view: LayerView, alpha: float) -> Selection:
-        return self._blockwise(view, alpha) if self.params.tau > 0 else self._tokenwise(view, alpha)
+        """The selection at ``alpha``: one object per (view, alpha), so the simulator scores it once."""
+        return self._cache.get(view, ("at", alpha), lambda: self._blockwise(view, alpha) if self.params.tau > 0
+                               else self._tokenwise(view, alpha))
 
     def _tokenwise(self, view: LayerView, alpha: float) -> VerticalSlashSelection:
         p = self.params

@@ -388,8 +388,21 @@ class LayerScorer:
         self.buffer = ProbsBuffer()  # each group's probabilities, in one reused output
 
     def score(self, entries: list[Entry]) -> None:
-        """Fill each entry's metrics; an entry whose selection cannot be scored gets its error set instead."""
-        live = [entry for entry in entries if not entry.error]
+        """Fill each entry's metrics; an entry whose selection cannot be scored gets its error set instead.
+
+        Entries of one policy that hold the very same Selection object (FlexPrefill at its fixed alpha returns one
+        for every requested sparsity) are scored once and share the metrics.
+        """
+        live, twins, first = [], [], {}
+        for entry in entries:
+            if entry.error:
+                continue
+            twin = entry if entry.selection is None else first.setdefault((id(entry.policy), id(entry.selection)),
+                                                                            entry)
+            if twin is entry:
+                live.append(entry)
+            else:
+                twins.append((entry, twin))
         n_rows, n_err = len(self.rows.positions), len(self.rows.error_index)
         device = self.k.device
         for entry in live:
@@ -406,6 +419,9 @@ class LayerScorer:
                 entry.density = entry.cells / max(self.rows.causal_cells, 1.0)
                 if self.want_output:
                     entry.oracle_output_error = entry.output_error
+        for entry, twin in twins:
+            for name in ("error", "recall", "output_error", "oracle", "oracle_recall", "oracle_output_error", "cells"):
+                setattr(entry, name, getattr(twin, name))
 
     def _score_group(self, g: int, entries: list[Entry]) -> None:
         G, rows = self.group, self.rows

@@ -22,6 +22,7 @@ from sparse_frontier.cli import prefer_avx2_sort, zen4_with_avx512
 from sparse_frontier.cli.main import cli
 from sparse_frontier.kernels.reference import masked_attention, selection_attention
 from sparse_frontier.policies.base import Budget
+from sparse_frontier.policies.flexprefill import FlexPrefill
 from sparse_frontier.policies.oracle import Granularity, OracleTopK, OracleTopP, Ranking, sorted_cumsum, to_selection
 from sparse_frontier.policies.selection import (
     BlockMask,
@@ -176,6 +177,31 @@ def test_output_error_equals_the_reference_kernel_output(tmp_path):
     sparse = selection_attention(sel, q[:, rows], k, v, rows, 0.25)
     want = (sparse - dense).norm(dim=-1) / dense.norm(dim=-1)
     assert torch.allclose(err, want, atol=1e-4)
+
+
+def test_one_selection_for_several_budgets_is_scored_once_with_the_same_metrics(tmp_path):
+    """FlexPrefill at its fixed alpha returns the same Selection object at every sparsity: the scorer scores it
+    once and both entries carry the metrics each gets when scored alone."""
+    write_random_trace(tmp_path / "t.zarr", n_layers=1, n_tokens=200)
+    view = TraceStore(str(tmp_path / "t.zarr")).layer_view(0)
+    rows = torch.arange(40, 200, 3)
+    view.rows = rows
+    scored = Rows(rows, torch.arange(0, len(rows), 4), 200, 200)
+    policy = FlexPrefill(min_budget=8, window=32, local=8)
+
+    def entry(sparsity: float) -> Entry:
+        budget = Budget(sparsity=sparsity, tokens=int((1 - sparsity) * 200), n_ctx=200)
+        return Entry(policy, "uniform", sparsity, budget, selection=policy.select(view, budget))
+
+    together = [entry(0.5), entry(0.9)]
+    assert together[0].selection is together[1].selection
+    LayerScorer(view, scored, want_output=True).score(together)
+    for e in together:
+        alone = entry(e.sparsity)
+        LayerScorer(view, scored, want_output=True).score([alone])
+        for name in ("recall", "output_error", "oracle_recall", "oracle_output_error", "cells"):
+            assert torch.equal(getattr(e, name), getattr(alone, name)), name
+        assert e.oracle == alone.oracle and not e.error
 
 
 # ---------------------------------------------------------------- oracles
