@@ -1,7 +1,8 @@
 """Replay vs end to end: the wall time to evaluate the six seed methods x 6 sparsities on one task sample.
 
 Replay = one trace capture (the dense model on the prompt, greedy decoding of the task's answer budget) plus
-one simulator sweep over that trace (every captured layer, every policy x sparsity). End to end = running the
+one simulator sweep over that trace (every captured layer, every policy x sparsity; ``--workers``: one worker
+process per core by default, as ``frontier simulate --workers N`` runs it). End to end = running the
 model with each policy x sparsity applied inside every attention layer (decode policies share one dense
 prefill per sample). Both run in this process on the same loaded model; loading it is timed apart. Replay is
 timed twice, before and after the end-to-end runs (a fresh trace and results folder each time), and the
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(SEED_METHODS))
     parser.add_argument("--sparsity", default=",".join(map(str, SPARSITIES)))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="simulator worker processes (a local Dask cluster; 1: in this process); default: "
+                             "one per core, as the model's forward passes use every core")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     policies = args.policies.split(",")
@@ -78,7 +82,7 @@ def main() -> None:
         capture_s = time.perf_counter() - t
         print(f"  capture: {capture_s:.1f} s", flush=True)
         t = time.perf_counter()
-        run_sweep([trace], settings, results)
+        run_sweep([trace], settings, results, workers=args.workers if args.workers > 1 else None)
         simulate_s = time.perf_counter() - t
         print(f"  simulate: {simulate_s:.1f} s", flush=True)
         return capture_s, simulate_s, captured
@@ -107,6 +111,7 @@ def main() -> None:
         "prompt_tokens": len(instance.input_ids),
         "answer_tokens": captured.generated_len, "seed": args.seed, "policies": policies, "sparsities": sparsities,
         "configurations": len(configs), "device": args.device, "torch_threads": torch.get_num_threads(),
+        "simulate_workers": args.workers,
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "model_load_s": round(load_s, 1),
         "capture_s": round(capture_s, 1), "simulate_s": round(simulate_s, 1), "replay_first_s": round(first_s, 1),
@@ -123,7 +128,8 @@ def main() -> None:
     print(f"  replay after:  capture {again[0]:.1f} s + simulate {again[1]:.1f} s = {again_s:.1f} s")
     print(f"  replay (mean): {replay_s:.1f} s")
     print(f"  end to end: {e2e_s:.1f} s")
-    print(f"  speed-up: {e2e_s / replay_s:.1f}x (model load {load_s:.1f} s, not counted)")
+    print(f"  speed-up: {e2e_s / replay_s:.1f}x (model load {load_s:.1f} s, not counted; {torch.get_num_threads()} "
+          f"torch threads, {args.workers} simulator worker(s))")
 
 
 if __name__ == "__main__":
