@@ -91,9 +91,15 @@ def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, ch
         hi = min(int(rows[stop - 1]) + 1, n_keys)
         spans.append((start, stop, first_visible(rows[start], sliding_window), hi))
     width = max((hi - lo for *_, lo, hi in spans), default=1)
-    # on CPU numpy's allocation: its large arrays get transparent huge pages (far fewer page faults)
     shape = (*x.shape[:2], width)
-    out = torch.from_numpy(np.empty(shape, np.float32)) if x.device.type == "cpu" else x.new_empty(shape)
+    if x.device.type == "cpu":
+        # numpy's allocation (transparent huge pages), first touched in one sequential pass: the chunks below
+        # write it row by row, and first touching it that way cost several times the sort on a gVisor VM
+        out = np.empty(shape, np.float32)
+        out.fill(0.0)
+        out = torch.from_numpy(out)
+    else:
+        out = x.new_empty(shape)
     for start, stop, lo, hi in spans:
         part = x[:, start:stop, lo:hi]
         if part.device.type == "cpu":  # x >= 0: its bits sort as int32 in the same order (negated: descending)
