@@ -1,8 +1,8 @@
 """Replay vs end to end: the wall time to evaluate the six seed methods x 6 sparsities on one task sample.
 
 Replay = one trace capture (the dense model on the prompt, greedy decoding of the task's answer budget) plus
-one simulator sweep over that trace (every captured layer, every policy x sparsity; ``--workers``: one worker
-process per core by default, as ``frontier simulate --workers N`` runs it). End to end = running the
+one simulator sweep over that trace (every captured layer, every policy x sparsity; on CPU by default in as many
+worker processes as torch has threads, as ``frontier simulate --workers N`` runs it). End to end = running the
 model with each policy x sparsity applied inside every attention layer (decode policies share one dense
 prefill per sample). Both run in this process on the same loaded model; loading it is timed apart. Replay is
 timed twice, before and after the end-to-end runs (a fresh trace and results folder each time), and the
@@ -49,11 +49,13 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(SEED_METHODS))
     parser.add_argument("--sparsity", default=",".join(map(str, SPARSITIES)))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="simulator worker processes (a local Dask cluster; 1: in this process); default: "
-                             "one per core, as the model's forward passes use every core")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="simulator worker processes (a local Dask cluster; 1: in this process); default: on "
+                             "CPU as many as torch's threads, which the model's forward passes use; on CUDA 1")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
+    if args.workers is None:
+        args.workers = 1 if args.device == "cuda" else torch.get_num_threads()
     policies = args.policies.split(",")
     sparsities = [float(s) for s in args.sparsity.split(",")]
     if (args.out / "results").exists():  # a sweep would resume from what is there: the timings would be void
