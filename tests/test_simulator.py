@@ -179,14 +179,19 @@ def test_output_error_equals_the_reference_kernel_output(tmp_path):
     assert torch.allclose(err, want, atol=1e-4)
 
 
+def scored_layer(tmp_path, n_tokens: int, rows: torch.Tensor, error_step: int) -> tuple[object, Rows]:
+    """Layer 0 of a one-layer random trace of ``n_tokens`` with ``rows`` scored (every ``error_step``-th one for
+    output error)."""
+    write_random_trace(tmp_path / "t.zarr", n_layers=1, n_tokens=n_tokens)
+    view = TraceStore(str(tmp_path / "t.zarr")).layer_view(0)
+    view.rows = rows
+    return view, Rows(rows, torch.arange(0, len(rows), error_step), n_tokens, n_tokens)
+
+
 def test_one_selection_for_several_budgets_is_scored_once_with_the_same_metrics(tmp_path):
     """FlexPrefill at its fixed alpha returns the same Selection object at every sparsity: the scorer scores it
     once and both entries carry the metrics each gets when scored alone."""
-    write_random_trace(tmp_path / "t.zarr", n_layers=1, n_tokens=200)
-    view = TraceStore(str(tmp_path / "t.zarr")).layer_view(0)
-    rows = torch.arange(40, 200, 3)
-    view.rows = rows
-    scored = Rows(rows, torch.arange(0, len(rows), 4), 200, 200)
+    view, scored = scored_layer(tmp_path, 200, torch.arange(40, 200, 3), error_step=4)
     policy = FlexPrefill(min_budget=8, window=32, local=8)
 
     def entry(sparsity: float) -> Entry:
@@ -211,11 +216,8 @@ def test_one_selection_for_several_budgets_is_scored_once_with_the_same_metrics(
                                     {"unit": "block", "size": 8}])
 def test_scored_oracle_equals_its_selection_run_by_the_reference(tmp_path, params):
     """Recall, density and output error of an oracle as scored = its Selection run through the reference."""
-    write_random_trace(tmp_path / "t.zarr", n_layers=1, n_tokens=120)
-    view = TraceStore(str(tmp_path / "t.zarr")).layer_view(0)
-    rows = torch.arange(30, 120, 2)
-    view.rows = rows
-    scored = Rows(rows, torch.arange(0, len(rows), 3), 120, 120)
+    view, scored = scored_layer(tmp_path, 120, torch.arange(30, 120, 2), error_step=3)
+    rows = scored.positions
     budget = Budget(sparsity=0.7, tokens=36, n_ctx=120)
     oracle = OracleTopK(**params)
     entry = Entry(oracle, "uniform", 0.7, budget)
