@@ -77,8 +77,9 @@ def window_positions(end: int, window: int) -> Tensor:
 def _compute_stats(view: LayerView, windows: list[int]) -> dict[int, WindowStats]:
     """One softmax pass per query head over the largest window, reduced for each (nested) window.
 
-    Each head's probabilities are written right of ``wm`` zero columns of one buffer, so that row r's
-    diagonal offsets line up as a strided view (offset o of row r sits at column r + end - o).
+    Each head's probabilities [wm, P] lie row after row in one buffer after ``wm`` zeros, so that row r's
+    diagonal offsets line up as a strided view (offset o of row r sits at r * (P + 1) + P - o, counted from the
+    zeros' first element; what an offset before the first key reads is zero: the padding or a future key).
     """
     end = view.prefill_len
     positions = window_positions(end, max(windows))
@@ -90,23 +91,24 @@ def _compute_stats(view: LayerView, windows: list[int]) -> dict[int, WindowStats
     # a sliding window hides the keys before the first query's window: they stay zero in the buffer
     lo = first_visible(positions[0], view.sliding_window)
     keys = view.k[:, lo:end].float()
-    buf = torch.zeros(wm, wm + end, device=keys.device)
-    probs = buf[:, wm:]
+    buf = torch.zeros(wm + wm * end, device=keys.device)
+    probs = buf[wm:].view(wm, end)
     seen = probs[:, lo:]
     if view.sliding_window:
         hidden = ~visible(positions.to(keys.device) - lo, end - lo, view.sliding_window)
     else:  # only the window's own corner holds future keys
         hidden = torch.ones(wm, wm, dtype=torch.bool, device=keys.device).triu(1)
-    logits = torch.empty(wm, end - lo, device=keys.device)
-    stride = wm + end + 1
+    logits = seen if lo == 0 else torch.empty(wm, end - lo, device=keys.device)
+    stride = end + 1
     out = {w: [torch.empty(view.n_query_heads, end) for _ in range(3)] for w in sizes}
     for h in range(view.n_query_heads):
         torch.matmul(queries[h], keys[h // view.group].T, out=logits)
         if view.softcap:
             logits.mul_(view.scale / view.softcap).tanh_().mul_(view.softcap)
         (logits if view.sliding_window else logits[:, end - wm :]).masked_fill_(hidden, float("-inf"))
-        logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (logsumexp is several times slower on CPU)
-        torch.div(logits, logits.sum(-1, keepdim=True), out=seen)
+        torch.softmax(logits, dim=-1, out=logits)
+        if lo:
+            seen.copy_(logits)
         vertical = torch.zeros(end, device=keys.device)
         slash = torch.zeros(end, device=keys.device)
         peak = torch.zeros(end, device=keys.device)

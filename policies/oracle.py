@@ -16,6 +16,7 @@ below turn it into Selections.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple
 
@@ -79,11 +80,15 @@ def causal_unit_cells(rows: Tensor, size: int, n_keys: int) -> Tensor:
     return seen.clamp(min=0, max=size).float()
 
 
-def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, chunk: int = 32) -> Tensor:
+def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, chunk: int = 32,
+                  memory: Tensor | None = None) -> Tensor:
     """Cumulative sums [H, R, W] of ``x [H, R, T]`` (non-negative) sorted descending along keys, where x is zero
     after each (ascending) row's position and, with ``sliding_window``, before its window: only the keys a block
     of rows can see are sorted (numpy's vectorised sort on CPU). W is the most keys a block sees (T without a
-    window); a row's sums past its block's keys repeat the last one."""
+    window); a row's sums past its block's keys repeat the last one.
+
+    ``memory``: a flat float32 tensor on x's device, at least x's size, that the sums are written into (its
+    earlier contents are overwritten); without it they go into a fresh array."""
     n_keys = x.shape[-1]
     spans = []
     for start in range(0, x.shape[1], chunk):
@@ -92,7 +97,9 @@ def sorted_cumsum(x: Tensor, rows: Tensor, sliding_window: int | None = None, ch
         spans.append((start, stop, first_visible(rows[start], sliding_window), hi))
     width = max((hi - lo for *_, lo, hi in spans), default=1)
     shape = (*x.shape[:2], width)
-    if x.device.type == "cpu":
+    if memory is not None:
+        out = memory[: math.prod(shape)].view(shape)
+    elif x.device.type == "cpu":
         # numpy's allocation (transparent huge pages), first touched in one sequential pass: the chunks below
         # write it row by row, and first touching it that way cost several times the sort on a gVisor VM
         out = np.empty(shape, np.float32)
@@ -125,11 +132,12 @@ class Ranking:
 
     Built once; ``mass_at``, ``cells_at`` and ``unit_mask`` answer any budget ``n`` (units kept, per ranking
     head and row, [Hr, R]) where Hr = H (head sharing) or H / group (group sharing). With ``sliding_window``
-    (probs zero before each row's window) per-head tokens are sorted over the window's keys only.
+    (probs zero before each row's window) per-head tokens are sorted over the window's keys only; their sums
+    go into ``memory`` when given (see :func:`sorted_cumsum`), which must then outlive the ranking unchanged.
     """
 
     def __init__(self, probs: Tensor, rows: Tensor, granularity: Granularity, group: int = 1,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, memory: Tensor | None = None):
         self.g = granularity
         self.rows = rows
         self.group = group if granularity.sharing == "group" else 1
@@ -155,7 +163,7 @@ class Ranking:
         self.fast = granularity.unit == "token" and self.group == 1
         if self.fast:  # per-head token ranking: sorted values are enough (non-causal keys have mass 0)
             self.order = None
-            self.own_csum = sorted_cumsum(mass, rows, sliding_window)
+            self.own_csum = sorted_cumsum(mass, rows, sliding_window, memory=memory)
             self.score_csum = self.own_csum
             return
         units = torch.arange(self.n_units, device=probs.device)

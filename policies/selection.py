@@ -157,10 +157,12 @@ class VerticalSlash(Selection):
 
         def flat(parts: list[Tensor], stride: int) -> Tensor:
             """Every head's entries in [0, n_keys) as indices into a flattened [heads, stride] array."""
-            parts = [x.to(device=device, dtype=torch.long) for x in parts]
-            parts = [x[(x >= 0) & (x < n_keys)] for x in parts]
+            if not parts:
+                return torch.zeros(0, dtype=torch.long, device=device)
             sizes = torch.tensor([len(x) for x in parts], device=device)
-            return torch.cat(parts) + torch.repeat_interleave(torch.arange(heads, device=device) * stride, sizes)
+            at = torch.cat([x.to(device) for x in parts]).long()
+            base = torch.repeat_interleave(torch.arange(heads, device=device) * stride, sizes)
+            return (at + base)[(at >= 0) & (at < n_keys)]
 
         # slash o covers d in [o - block + 1, o], i.e. x in [o, o + block - 1]
         hits = torch.zeros(heads * (span + 1), dtype=torch.int32, device=device)

@@ -7,7 +7,7 @@ the kernels' reference (a power-of-two scale is applied to q instead, which is e
 keys its rows can see (so the cost is proportional to the visible cells, not to rows x keys) into one reused
 scratch array, masks only the keys past its first row, takes the softmax in place and copies it once into the
 output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse one output's memory from call
-to call.
+to call (and from layer to layer).
 """
 
 from __future__ import annotations
@@ -31,21 +31,42 @@ def _zeros(*shape: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(shape, device=device)
 
 
-class ProbsBuffer:
-    """Output memory :func:`true_attention` reuses for calls over the same rows, sliding window and row blocks
-    (a layer's KV groups), for a caller done with each result before the next call (which overwrites it).
+class Reused:
+    """One flat float32 array handed out again and again as a view of the asked shape, grown when too small.
 
-    Such a call writes exactly the cells the previous one wrote, so the zeros around them stay valid and no fresh
-    zeroed array (100 MB per KV group at 8K keys, half of it zeros) is needed; any other call gets a fresh one.
+    A layer's scoring needs the same few arrays of up to [group heads, rows, keys] for each KV group and layer;
+    taking them from memory already touched saves their page faults. A view is valid until the next ``take``.
     """
 
     def __init__(self):
+        self.memory: Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+        """A view of ``shape`` on this memory (contents left from earlier use; zeros when just allocated)."""
+        n = math.prod(shape)
+        if self.memory is None or self.memory.numel() < n or self.memory.device != torch.device(device):
+            self.memory = None  # let the old array go before allocating its successor
+            self.memory = _zeros(n, device=device)
+        return self.memory[:n].view(shape)
+
+
+class ProbsBuffer:
+    """Output memory :func:`true_attention` reuses from call to call, for a caller done with each result before
+    the next call (which overwrites it).
+
+    A call over the same rows, sliding window and row blocks as the one before (the next KV group of a layer)
+    writes exactly the cells that one wrote, so the zeros around them stay valid as they are; any other call
+    zeroes the memory first (one sequential pass over pages already mapped, instead of a fresh array).
+    """
+
+    def __init__(self):
+        self.memory = Reused()
         self.probs: Tensor | None = None
         self.key: tuple | None = None
 
     def take(self, key: tuple, shape: tuple[int, int, int], device: torch.device) -> Tensor:
         if key != self.key:
-            self.probs, self.key = _zeros(*shape, device=device), key
+            self.probs, self.key = self.memory.take(shape, device).zero_(), key
         return self.probs
 
 

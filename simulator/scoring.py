@@ -20,6 +20,7 @@ masks where cheaper sums do:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -39,7 +40,7 @@ from sparse_frontier.policies.selection import (
     causal,
 )
 
-from .attention import ProbsBuffer, true_attention, visible_cells
+from .attention import ProbsBuffer, Reused, true_attention, visible_cells
 
 
 class SelectionError(ValueError):
@@ -174,12 +175,12 @@ def selected_mass(sel: Selection, values: Field, n_keys: int) -> Tensor:
     if isinstance(sel, Dense):
         return values.unit_sums(0)
     if isinstance(sel, BlockMask | PageSet):
-        return (values.unit_sums(unit_size(sel)) * kept_units(sel, rows, n_keys)).sum(-1)
+        return (values.unit_sums(unit_size(sel)) * kept_units(sel, rows, n_keys).float()).sum(-1)
     if isinstance(sel, TokenSet):
         index = sel.indices[:, _row_index(sel.rows, rows)]
         kept = torch.zeros(*index.shape[:2], n_keys + 1, dtype=torch.bool, device=index.device)
         kept.scatter_(-1, torch.where((index < 0) | (index >= n_keys), n_keys, index), True)
-        return (data * kept[..., :n_keys]).sum(-1)
+        return (data * kept[..., :n_keys].float()).sum(-1)
     if isinstance(sel, KeptKeys):
         return torch.matmul(data, kept_keys(sel, n_keys)[..., None]).squeeze(-1)
     if isinstance(sel, VerticalSlash):
@@ -188,7 +189,7 @@ def selected_mass(sel: Selection, values: Field, n_keys: int) -> Tensor:
     out = []
     for start in range(0, len(rows), 256):
         chunk = rows[start : start + 256]
-        out.append((data[:, start : start + 256] * sel.mask(chunk, n_keys)).sum(-1))
+        out.append((data[:, start : start + 256] * sel.mask(chunk, n_keys).float()).sum(-1))
     return torch.cat(out, dim=1)
 
 
@@ -313,7 +314,7 @@ class Outputs:
 
     def masked(self, mask: Tensor) -> Tensor:
         """Error [G, M] of keeping the cells ``mask [h, M, T]``."""
-        kept = self.p * mask
+        kept = self.p * mask.float()  # (float32 x bool is twice as slow on CPU)
         return relative_error(kept @ self.v, kept.sum(-1), self.dense)
 
     def units(self, kept: Tensor, size: int) -> Tensor:
@@ -362,11 +363,30 @@ class Outputs:
                     if size > 1:
                         num[c : c + step] = torch.einsum("smu,mud->smd", keep.float(), self.unit_pv(size)[h])
                     else:
-                        kept = torch.where(keep, self.p[h][None], 0.0)
+                        kept = self.p[h][None] * keep.float()  # p >= 0: as torch.where(keep, p, 0), faster
                         num[c : c + step] = (kept.view(-1, T) @ self.v).view(len(keep), M, -1)
                 errors = relative_error(num[which], mass[:, h], self.dense[h][None])  # [S, M]
                 for k, (_, _, _, target, heads) in enumerate(items):
                     target[heads][h] = errors[k]
+
+
+@dataclass
+class Workspace:
+    """Memory the layer scorers of one thread reuse from layer to layer: the true probabilities and the token
+    oracle's sorted sums, up to [group heads, rows, keys] float32 each (first touching fresh memory is slow)."""
+
+    probs: ProbsBuffer = field(default_factory=ProbsBuffer)
+    sorted_sums: Reused = field(default_factory=Reused)
+
+
+_workspaces = threading.local()
+
+
+def thread_workspace() -> Workspace:
+    """This thread's Workspace (each thread scores its own layers)."""
+    if not hasattr(_workspaces, "workspace"):
+        _workspaces.workspace = Workspace()
+    return _workspaces.workspace
 
 
 class LayerScorer:
@@ -376,7 +396,7 @@ class LayerScorer:
     oracle entry gets its density here, from the cells its ranking keeps over the scored rows.
     """
 
-    def __init__(self, view: LayerView, rows: Rows, want_output: bool):
+    def __init__(self, view: LayerView, rows: Rows, want_output: bool, workspace: Workspace | None = None):
         self.view, self.rows = view, rows
         self.n_q, self.n_kv, self.group = view.n_query_heads, view.n_kv_heads, view.group
         self.want_output = want_output and view.v is not None
@@ -385,7 +405,7 @@ class LayerScorer:
         self.v = view.v[:, : rows.n_keys] if self.want_output else None
         self.ones = Field(causal(rows.positions, rows.n_keys).float()[None], rows.positions)
         self.scored_cells = 0
-        self.buffer = ProbsBuffer()  # each group's probabilities, in one reused output
+        self.workspace = workspace or Workspace()  # each group's probabilities and sums, in reused memory
 
     def score(self, entries: list[Entry]) -> None:
         """Fill each entry's metrics; an entry whose selection cannot be scored gets its error set instead.
@@ -427,7 +447,7 @@ class LayerScorer:
         G, rows = self.group, self.rows
         qh = slice(g * G, (g + 1) * G)
         probs = true_attention(self.queries[qh], self.k[g : g + 1], rows.positions, self.view.scale,
-                               self.view.softcap, self.view.sliding_window, out=self.buffer)
+                               self.view.softcap, self.view.sliding_window, out=self.workspace.probs)
         self.scored_cells += G * visible_cells(rows.positions, rows.n_keys, self.view.sliding_window)
         group = _Group(self, g, qh, probs)
         vertical_slash: dict[int, list[tuple[Entry, VerticalSlash]]] = {}
@@ -478,8 +498,10 @@ class _Group:
 
     def ranking(self, gran: Granularity) -> Ranking:
         if gran not in self.rankings:
-            self.rankings[gran] = Ranking(self.probs.data, self.s.rows.positions, gran, self.s.group,
-                                         self.s.view.sliding_window)
+            probs = self.probs.data
+            memory = self.s.workspace.sorted_sums.take((probs.numel(),), probs.device)  # one token ranking a group
+            self.rankings[gran] = Ranking(probs, self.s.rows.positions, gran, self.s.group,
+                                          self.s.view.sliding_window, memory)
         return self.rankings[gran]
 
     def _expand(self, x: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from sparse_frontier.policies.validate import PolicyError, check_selection
 from sparse_frontier.tracer.store import TraceError, TraceStore
 
 from .cost import ModelShape, entry_cost
-from .scoring import Entry, LayerScorer, Rows, mean_ci
+from .scoring import Entry, LayerScorer, Rows, mean_ci, thread_workspace
 
 FORMAT = "sparse-frontier-sweep"
 VERSION = 1
@@ -240,7 +240,7 @@ def simulate_layer(store: TraceStore, index: int, settings: Settings,
                     except Exception as exc:  # noqa: BLE001 - a policy's own failure becomes its error row
                         entry.error = f"{type(exc).__name__}: {exc}"
                     entries.append(entry)
-        scorer = LayerScorer(pview, rows, want_output)
+        scorer = LayerScorer(pview, rows, want_output, thread_workspace())
         scorer.score(entries)
         stats["scored_cells"] += scorer.scored_cells
         for entry in entries:

@@ -105,11 +105,13 @@ def test_true_attention_in_a_reused_buffer_is_exact():
     q, k = torch.randn(4, 90, 8, generator=gen) * 2, torch.randn(2, 90, 8, generator=gen) * 2
     late, early = torch.tensor([0, 3, 17, 40, 41, 70, 89]), torch.tensor([5, 6, 30, 50, 60, 61, 62])
     buffer = ProbsBuffer()
+    first = None
     for rows, window, block in [(late, None, 3), (early, None, 2), (late, 30, 4), (early, 12, 3), (late, None, 16)]:
         want = true_attention(q[:, rows], k, rows, 0.35, 4.0, window, row_block=block)
         got = true_attention(q[:, rows], k, rows, 0.35, 4.0, window, row_block=block, out=buffer)
         assert got is buffer.probs and torch.equal(got, want)
-        memory = got.data_ptr()  # other heads over the same rows reuse it
+        memory = got.data_ptr()  # other heads over the same rows reuse it, and so do other rows (zeroed first)
+        assert memory == (first := first or memory)
         other = (q.flip(0)[:, rows], k.flip(0), rows, 0.35, 4.0, window)
         again = true_attention(*other, row_block=block, out=buffer)
         assert again.data_ptr() == memory and torch.equal(again, true_attention(*other, row_block=block))
