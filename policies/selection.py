@@ -157,8 +157,6 @@ class VerticalSlash(Selection):
 
         def flat(parts: list[Tensor], stride: int) -> Tensor:
             """Every head's entries in [0, n_keys) as indices into a flattened [heads, stride] array."""
-            if not parts:
-                return torch.zeros(0, dtype=torch.long, device=device)
             sizes = torch.tensor([len(x) for x in parts], device=device)
             at = torch.cat([x.to(device) for x in parts]).long()
             base = torch.repeat_interleave(torch.arange(heads, device=device) * stride, sizes)
