@@ -134,17 +134,18 @@ class Ranking:
     head and row, [Hr, R]) where Hr = H (head sharing) or H / group (group sharing). With ``sliding_window``
     (probs zero before each row's window) per-head tokens are sorted over the window's keys only; their sums
     go into ``memory`` when given (see :func:`sorted_cumsum`), which must then outlive the ranking unchanged.
+    ``units``: ``unit_mass(probs, size)`` when the caller already has it.
     """
 
     def __init__(self, probs: Tensor, rows: Tensor, granularity: Granularity, group: int = 1,
-                 sliding_window: int | None = None, memory: Tensor | None = None):
+                 sliding_window: int | None = None, memory: Tensor | None = None, units: Tensor | None = None):
         self.g = granularity
         self.rows = rows
         self.group = group if granularity.sharing == "group" else 1
         self.n_heads, _, self.n_keys = probs.shape
         self.probs = probs
         size = granularity.size
-        mass = unit_mass(probs, size)  # [H, R, U]
+        mass = unit_mass(probs, size) if units is None else units  # [H, R, U]
         self.n_units = mass.shape[-1]
         if granularity.unit == "block":
             qblock = rows // size

@@ -27,8 +27,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from sparse_frontier.kernels.reference import first_visible
 from sparse_frontier.policies.base import LayerView
-from sparse_frontier.policies.oracle import Granularity, OracleTopK, Ranking, fraction_per_query_head, unit_mass
+from sparse_frontier.policies.oracle import (
+    Granularity,
+    OracleTopK,
+    Ranking,
+    causal_unit_cells,
+    fraction_per_query_head,
+    unit_mass,
+)
 from sparse_frontier.policies.selection import (
     BlockMask,
     Dense,
@@ -37,6 +45,7 @@ from sparse_frontier.policies.selection import (
     Selection,
     TokenSet,
     VerticalSlash,
+    as_float,
     causal,
 )
 
@@ -96,6 +105,27 @@ class Field:
         """Sums over key units of ``size``: [F, R, ceil(T / size)] (size 0: the whole row, [F, R])."""
         if size not in self._units:
             self._units[size] = self.data.sum(-1) if size == 0 else unit_mass(self.data, size)
+        return self._units[size]
+
+
+class CausalCells(Field):
+    """The Field of ones on every causal cell of ``rows`` over ``n_keys`` keys (the cells a selection computes),
+    with its unit sums in closed form and its [1, R, T] data made only when asked for."""
+
+    def __init__(self, rows: Tensor, n_keys: int):
+        self.rows, self.n_keys = rows, n_keys
+        self._units = {0: torch.clamp(rows + 1, max=n_keys).float()[None]}
+        self._data: Tensor | None = None
+
+    @property
+    def data(self) -> Tensor:
+        if self._data is None:
+            self._data = as_float(causal(self.rows, self.n_keys))[None]
+        return self._data
+
+    def unit_sums(self, size: int) -> Tensor:
+        if size not in self._units:
+            self._units[size] = causal_unit_cells(self.rows, size, self.n_keys)[None]
         return self._units[size]
 
 
@@ -175,21 +205,24 @@ def selected_mass(sel: Selection, values: Field, n_keys: int) -> Tensor:
     if isinstance(sel, Dense):
         return values.unit_sums(0)
     if isinstance(sel, BlockMask | PageSet):
-        return (values.unit_sums(unit_size(sel)) * kept_units(sel, rows, n_keys).float()).sum(-1)
+        return (values.unit_sums(unit_size(sel)) * as_float(kept_units(sel, rows, n_keys))).sum(-1)
     if isinstance(sel, TokenSet):
         index = sel.indices[:, _row_index(sel.rows, rows)]
         kept = torch.zeros(*index.shape[:2], n_keys + 1, dtype=torch.bool, device=index.device)
         kept.scatter_(-1, torch.where((index < 0) | (index >= n_keys), n_keys, index), True)
-        return (data * kept[..., :n_keys].float()).sum(-1)
-    if isinstance(sel, KeptKeys):
-        return torch.matmul(data, kept_keys(sel, n_keys)[..., None]).squeeze(-1)
+        return (data * as_float(kept[..., :n_keys])).sum(-1)
+    if isinstance(sel, KeptKeys):  # a matrix-vector product per head (batched with one column it is slow on CPU)
+        keys = kept_keys(sel, n_keys)
+        heads = max(data.shape[0], keys.shape[0])
+        return torch.stack([torch.mv(d, k) for d, k in zip(data.expand(heads, -1, -1), keys.expand(heads, -1),
+                                                             strict=True)])
     if isinstance(sel, VerticalSlash):
         data = data.expand(max(data.shape[0], sel.heads), -1, -1)
         return vertical_slash_masses([sel], data, rows, n_keys)[0][0]
     out = []
     for start in range(0, len(rows), 256):
         chunk = rows[start : start + 256]
-        out.append((data[:, start : start + 256] * sel.mask(chunk, n_keys).float()).sum(-1))
+        out.append((data[:, start : start + 256] * as_float(sel.mask(chunk, n_keys))).sum(-1))
     return torch.cat(out, dim=1)
 
 
@@ -197,7 +230,7 @@ def kept_keys(sel: KeptKeys, n_keys: int) -> Tensor:
     """KeptKeys as a float key vector per head [h, T] (keys after the prompt always kept)."""
     kept = sel.kept[:, :n_keys]
     tail = torch.ones(kept.shape[0], n_keys - kept.shape[1], dtype=torch.bool, device=kept.device)
-    return torch.cat([kept, tail], dim=1).float()
+    return as_float(torch.cat([kept, tail], dim=1))
 
 
 def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor, n_keys: int,
@@ -239,7 +272,7 @@ def vertical_slash_masses(sels: list[VerticalSlash], data: Tensor, rows: Tensor,
         for i, r0 in enumerate(chunk):
             blk, hi = c0 + i, min(r0 + b, n_keys)
             first, last = firsts[blk], lasts[blk]
-            block_keys = keys[:, :, i, :hi].float()  # [V, S, hi]
+            block_keys = as_float(keys[:, :, i, :hi])  # [V, S, hi]
             got = torch.matmul(data[:, first:last, :hi], block_keys.transpose(1, 2))  # [F, rows, S]
             mass[:, :, first:last] = got.permute(2, 0, 1)
             if counts:  # kept causal keys of each row: the block's keys before r0, then a running count inside it
@@ -261,7 +294,7 @@ def units_touched(sel: Selection, rows: Tensor, size: int, n_keys: int) -> Tenso
     out = []
     for start in range(0, len(rows), 256):
         mask = sel.mask(rows[start : start + 256], n_keys)
-        out.append(unit_mass(mask.float(), size).gt(0).sum(-1).float())
+        out.append(unit_mass(as_float(mask), size).gt(0).sum(-1).float())
     return torch.cat(out, dim=1)
 
 
@@ -293,11 +326,29 @@ def relative_error(num: Tensor, mass: Tensor, dense: Tensor) -> Tensor:
 
 
 class Outputs:
-    """Output error on the error rows of one KV group: ``p [G, M, T]`` against its values ``v [T, d]``."""
+    """Output error on the error rows of one KV group: ``p [G, M, T]`` against its values ``v [T, d]``.
 
-    def __init__(self, p: Tensor, v: Tensor):
+    Products over the error rows (at ascending positions ``rows``) go in chunks of at least ``CHUNK_ROWS`` rows, each
+    over the keys its rows can see only (p is zero elsewhere): for rows spread over a prompt about half the work of
+    whole rows. Chunks whose keys are nearly the same (decode rows) stay one product."""
+
+    CHUNK_ROWS: ClassVar[int] = 8
+
+    def __init__(self, p: Tensor, v: Tensor, rows: Tensor, sliding_window: int | None = None):
         self.p, self.v = p, v
-        self.dense = p @ v  # [G, M, d]
+        at = rows.tolist()
+        self.chunks: list[tuple[slice, slice]] = []  # (error rows, the keys they see)
+        for a in range(0, len(at), self.CHUNK_ROWS):
+            b = min(a + self.CHUNK_ROWS, len(at))
+            keys = slice(first_visible(at[a], sliding_window), at[b - 1] + 1)
+            if self.chunks:
+                rows_before, keys_before = self.chunks[-1]
+                merged = slice(keys_before.start, keys.stop)
+                if keys_before.stop - keys_before.start >= 0.8 * (merged.stop - merged.start):
+                    self.chunks[-1] = (slice(rows_before.start, b), merged)
+                    continue
+            self.chunks.append((slice(a, b), keys))
+        self.dense = self._product(p)[0]  # [G, M, d]
         self._unit_pv: dict[int, Tensor] = {}
         self.mass = Field(p, torch.empty(0))  # unit sums of p
         self._ranked: list[tuple[Ranking, Tensor, Tensor, slice]] = []
@@ -312,15 +363,27 @@ class Outputs:
             self._unit_pv[size] = torch.bmm(p, v).transpose(0, 1).reshape(G, M, -1, self.v.shape[-1])
         return self._unit_pv[size]
 
+    def _product(self, p: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(sum p v, sum p)`` [..., M, d], [..., M] over the cells of ``mask [..., M, T]`` (all without it), for
+        probabilities ``p [..., M, T]`` of the error rows."""
+        shape = torch.broadcast_shapes(p.shape, p.shape if mask is None else mask.shape)[:-1]
+        num, mass = p.new_empty(*shape, self.v.shape[-1]), p.new_empty(shape)
+        for rs, ks in self.chunks:
+            part = p[..., rs, ks] if mask is None else p[..., rs, ks] * as_float(mask[..., rs, ks])
+            num[..., rs, :] = part @ self.v[ks]
+            mass[..., rs] = part.sum(-1)
+        return num, mass
+
     def masked(self, mask: Tensor) -> Tensor:
         """Error [G, M] of keeping the cells ``mask [h, M, T]``."""
-        kept = self.p * mask.float()  # (float32 x bool is twice as slow on CPU)
-        return relative_error(kept @ self.v, kept.sum(-1), self.dense)
+        num, mass = self._product(self.p, mask)  # (float32 x bool is slower on CPU than x float)
+        return relative_error(num, mass, self.dense)
 
     def units(self, kept: Tensor, size: int) -> Tensor:
         """Error [G, M] of keeping the key units ``kept [h, M, U]`` of ``size`` keys."""
-        weights = kept.float().expand(self.p.shape[0], -1, -1)
-        num = torch.einsum("gmu,gmud->gmd", weights, self.unit_pv(size))
+        G, M, U = self.p.shape[0], *kept.shape[1:]
+        weights = as_float(kept).expand(G, -1, -1)
+        num = torch.bmm(weights.reshape(G * M, 1, U), self.unit_pv(size).view(G * M, U, -1)).view(G, M, -1)
         mass = (self.mass.unit_sums(size) * weights).sum(-1)
         return relative_error(num, mass, self.dense)
 
@@ -361,10 +424,10 @@ class Outputs:
                 for c in range(0, len(distinct), step):
                     keep = rank[h // share][None] < distinct[c : c + step, :, None]  # [s, M, U]
                     if size > 1:
-                        num[c : c + step] = torch.einsum("smu,mud->smd", keep.float(), self.unit_pv(size)[h])
-                    else:
-                        kept = self.p[h][None] * keep.float()  # p >= 0: as torch.where(keep, p, 0), faster
-                        num[c : c + step] = (kept.view(-1, T) @ self.v).view(len(keep), M, -1)
+                        per_row = torch.bmm(as_float(keep).transpose(0, 1), self.unit_pv(size)[h])  # [M, s, d]
+                        num[c : c + step] = per_row.transpose(0, 1)
+                    else:  # p >= 0: p times the float mask is torch.where(keep, p, 0), faster
+                        num[c : c + step] = self._product(self.p[h][None], keep)[0]
                 errors = relative_error(num[which], mass[:, h], self.dense[h][None])  # [S, M]
                 for k, (_, _, _, target, heads) in enumerate(items):
                     target[heads][h] = errors[k]
@@ -403,7 +466,7 @@ class LayerScorer:
         self.queries = view.queries_at(rows.positions)  # [Hq, R, d]
         self.k = view.k[:, : rows.n_keys]
         self.v = view.v[:, : rows.n_keys] if self.want_output else None
-        self.ones = Field(causal(rows.positions, rows.n_keys).float()[None], rows.positions)
+        self.ones = CausalCells(rows.positions, rows.n_keys)
         self.scored_cells = 0
         self.workspace = workspace or Workspace()  # each group's probabilities and sums, in reused memory
 
@@ -494,14 +557,17 @@ class _Group:
         self.rankings: dict[Granularity, Ranking] = {}
         self.outputs = None
         if scorer.want_output:
-            self.outputs = Outputs(probs[:, scorer.rows.error_index], scorer.v[g])
+            index = scorer.rows.error_index
+            self.outputs = Outputs(probs[:, index], scorer.v[g], scorer.rows.positions[index],
+                                   scorer.view.sliding_window)
 
     def ranking(self, gran: Granularity) -> Ranking:
         if gran not in self.rankings:
             probs = self.probs.data
             memory = self.s.workspace.sorted_sums.take((probs.numel(),), probs.device)  # one token ranking a group
+            units = self.probs.unit_sums(gran.size) if gran.size > 1 else None  # shared with the recall sums
             self.rankings[gran] = Ranking(probs, self.s.rows.positions, gran, self.s.group,
-                                          self.s.view.sliding_window, memory)
+                                          self.s.view.sliding_window, memory, units)
         return self.rankings[gran]
 
     def _expand(self, x: Tensor) -> Tensor:

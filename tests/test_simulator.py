@@ -31,6 +31,7 @@ from sparse_frontier.policies.selection import (
     PageSet,
     TokenSet,
     VerticalSlash,
+    as_float,
     causal,
     expand_heads,
 )
@@ -38,6 +39,7 @@ from sparse_frontier.simulator.attention import ProbsBuffer, true_attention
 from sparse_frontier.simulator.cost import ModelShape, decode_bytes, prefill_flops, vertical_slash_index
 from sparse_frontier.simulator.results import load_parts, summary
 from sparse_frontier.simulator.scoring import (
+    CausalCells,
     Entry,
     Field,
     LayerScorer,
@@ -333,6 +335,17 @@ def test_sorted_cumsum_is_the_descending_sort_summed():
     expected = torch.sort(probs, dim=-1, descending=True).values.cumsum(-1)
     assert torch.equal(sums, expected[..., : sums.shape[-1]])
     assert sums.shape[-1] == int(rows[-1]) + 1
+
+
+def test_causal_cells_closed_form_equals_the_summed_ones():
+    """The scorer's count of causal cells per key unit (closed form, no [R, T] array) equals the sums of the
+    materialised causal mask, for whole-row, token, page and block units and a partial last unit."""
+    rows = torch.sort(torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:100]).values
+    for n_keys in (1000, 1037):
+        closed, ones = CausalCells(rows, n_keys), Field(as_float(causal(rows, n_keys))[None], rows)
+        for size in (0, 1, 16, 64, 100):
+            assert torch.equal(closed.unit_sums(size), ones.unit_sums(size))
+        assert torch.equal(closed.data, ones.data)
 
 
 def test_numpy_sort_choice_on_zen4():

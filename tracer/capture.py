@@ -195,6 +195,31 @@ class _Recorder:
 _RECORDER_ATTR = "_sparse_frontier_recorder"
 
 
+def _reserve(cache: Any, room: int) -> None:
+    """Give every full-attention layer of a transformers DynamicCache room for ``room`` more tokens after what it
+    holds, so each decode step writes its key and value in place: the DynamicLayer's own update concatenates,
+    copying every layer's whole cache at every step (about a third of a CPU decode step at 8K tokens)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            if n + m > self.buffers[0].shape[-2]:  # out of room: concatenate as DynamicLayer does
+                return super().update(key_states, value_states, *args, **kwargs)
+            for buf, x in zip(self.buffers, (key_states, value_states), strict=True):
+                buf[..., n : n + m, :] = x
+            self.keys, self.values = (buf[..., : n + m, :] for buf in self.buffers)
+            return self.keys, self.values
+
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            n = layer.keys.shape[-2]
+            layer.buffers = tuple(torch.cat([x, x.new_empty(*x.shape[:-2], room, x.shape[-1])], dim=-2)
+                                  for x in (layer.keys, layer.values))
+            layer.keys, layer.values = (buf[..., :n, :] for buf in layer.buffers)
+            layer.__class__ = PreallocatedLayer
+
+
 def _capture_attention(inner: Callable) -> Callable:
     """An attention function that hands q/k/v to the module's recorder, then runs ``inner`` (SDPA), or the
     windowed prefill below for a sliding-window layer on CPU."""
@@ -324,6 +349,7 @@ class TransformersBackend:
                 if on_step:
                     on_step()
                 cache = out[self._cache_kw] if generate > 0 else None
+                _reserve(cache, generate)
                 for step in range(generate):
                     token = int(out.logits[0, -1].argmax())
                     generated.append(token)
