@@ -270,6 +270,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="variants.json")
     parser.add_argument("--sections", nargs="+", default=["block", "vs", "decode", "fixed"])
+    parser.add_argument("--vs-lengths", type=int, nargs="+", default=list(SIZES["vs"]),
+                        help="vertical-slash prompt lengths")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (script check)")
     parser.add_argument("--variant", nargs=3, action="append", default=[], metavar=("KERNEL", "NAME", "JSON"),
                         help="a variant to time beside the default: block|vs|decode, its name, its launch options "
@@ -282,6 +284,8 @@ def main():
         kb.SCALE = kb.D ** -0.5
         SIZES.update(check=256, block=((512, (1.0, 0.1)), (256, (0.05,))), vs=(256, 512),
                      decode=((512, 2), (1024, 1)))
+    else:
+        SIZES["vs"] = tuple(args.vs_lengths)
     results = []
     if "block" in args.sections:
         cases = block_data()

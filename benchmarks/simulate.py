@@ -6,7 +6,8 @@
    visible ones only (keys at or before each row, inside a sliding window): 9 heads x sum over the rows of
    min(row + 1, T); masked cells a row block computes past its first row are not counted. The KV groups write
    into one reused ``ProbsBuffer``, as the sweep's scorer does; the same pass with a fresh output per call is
-   printed beside it;
+   printed beside it. The matmuls and the passes are timed in turn, ``--rounds`` times, each figure its best
+   round, so a slow minute of a shared machine does not fall on one side of the ratio alone;
 3. the full seed sweep (every registered policy x 8 sparsities, 1024 sampled queries per head) over an
    8K SmolLM2 trace: wall time and peak resident memory of the whole process tree (Dask workers included);
 4. a 32K trace (synthetic q/k/v with SmolLM2's shapes, unless --long names a real one): peak memory of
@@ -74,25 +75,26 @@ class PeakMemory:
         self._thread.join()
 
 
-def best_of(fn, repeat: int = 3) -> float:
+def timed(fn) -> float:
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def best_alternated(fns: dict, rounds: int) -> dict:
+    """Best time of each function over ``rounds`` rounds that run them in turn (after one warm-up call each):
+    a slow minute on a shared machine then falls on all of them, not on whichever was timed during it."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timed(fn))
     return best
 
 
-def matmul_rates(head_dim: int, n_keys: int) -> dict:
-    a = torch.randn(2048, 2048)
-    square = 2 * 2048**3 / best_of(lambda: a @ a) / 1e9
-    q, k = torch.randn(1024, head_dim), torch.randn(head_dim, n_keys)
-    logits = 2 * 1024 * head_dim * n_keys / best_of(lambda: q @ k) / 1e9
-    return {"square_gflops": square, "logits_shape_gflops": logits}
-
-
-def dense_pass(trace: str, queries: int) -> dict:
+def dense_pass(trace: str, queries: int, rounds: int) -> tuple[dict, dict]:
+    """The dense pass over one layer and the matmul rates, timed in alternation: (pass figures, rates)."""
     from sparse_frontier.simulator.attention import ProbsBuffer, true_attention, visible_cells
     from sparse_frontier.tracer.store import TraceStore
 
@@ -103,21 +105,26 @@ def dense_pass(trace: str, queries: int) -> dict:
     rows = torch.sort(prompt[torch.randperm(len(prompt), generator=torch.Generator().manual_seed(0))[:queries]]).values
     q = view.queries_at(rows)
     group = view.group
+    d, n_keys = q.shape[-1], view.prefill_len
 
     def run(buffer=None):
         for g in range(view.n_kv_heads):
-            true_attention(q[g * group : (g + 1) * group], view.k[g : g + 1, : view.prefill_len], rows, view.scale,
+            true_attention(q[g * group : (g + 1) * group], view.k[g : g + 1, :n_keys], rows, view.scale,
                            view.softcap, view.sliding_window, out=buffer)
 
     buffer = ProbsBuffer()
-    seconds = best_of(lambda: run(buffer))
-    fresh_seconds = best_of(run)
-    cells = view.n_query_heads * visible_cells(rows, view.prefill_len, view.sliding_window)
-    d = q.shape[-1]
-    return {"layer": store.layers[index], "rows": len(rows), "cells": cells, "seconds": seconds,
-            "cells_per_s": cells / seconds, "gflops_2d": cells * 2 * d / seconds / 1e9, "head_dim": d,
-            "n_keys": view.prefill_len, "fresh_seconds": fresh_seconds,
-            "fresh_gflops_2d": cells * 2 * d / fresh_seconds / 1e9}
+    square = torch.randn(2048, 2048)
+    q_shape, k_shape = torch.randn(1024, d), torch.randn(d, n_keys)
+    best = best_alternated({"square": lambda: square @ square, "logits_shape": lambda: q_shape @ k_shape,
+                            "dense": lambda: run(buffer), "fresh": run}, rounds)
+    rates = {"square_gflops": 2 * 2048**3 / best["square"] / 1e9,
+             "logits_shape_gflops": 2 * 1024 * d * n_keys / best["logits_shape"] / 1e9}
+    cells = view.n_query_heads * visible_cells(rows, n_keys, view.sliding_window)
+    dense = {"layer": store.layers[index], "rows": len(rows), "cells": cells, "seconds": best["dense"],
+             "cells_per_s": cells / best["dense"], "gflops_2d": cells * 2 * d / best["dense"] / 1e9, "head_dim": d,
+             "n_keys": n_keys, "fresh_seconds": best["fresh"], "fresh_gflops_2d": cells * 2 * d / best["fresh"] / 1e9,
+             "rounds": rounds}
+    return dense, rates
 
 
 def sweep(trace: str, workers: int | None, out: Path, extra: list[str]) -> dict:
@@ -220,6 +227,8 @@ def main() -> None:
                         "seed sweep in this process (no CLI, no Dask); 'devices' = the same sweep on CPU and CUDA "
                         "and the largest difference per metric")
     parser.add_argument("--threads", type=int, help="torch threads in this process (dense, layers; default: torch's)")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="dense: rounds that time the matmuls and the pass in turn (each figure: its best round)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -231,8 +240,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     figures: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     if "dense" in sections:
-        dense = dense_pass(args.trace, 1024)
-        rates = matmul_rates(dense["head_dim"], dense["n_keys"])
+        dense, rates = dense_pass(args.trace, 1024, args.rounds)
         figures.update(matmul=rates, dense_pass=dense)
         print(f"float32 matmul: {rates['square_gflops']:.1f} GFLOP/s square, {rates['logits_shape_gflops']:.1f} "
               f"GFLOP/s in the logits shape [1024, {dense['head_dim']}] x [{dense['head_dim']}, {dense['n_keys']}]")

@@ -157,9 +157,8 @@ def _slash_intervals(offsets: Tensor, n_keys: int, block: int) -> tuple[Tensor, 
 
 def vertical_slash_layout(sel: VerticalSlash, n_keys: int, tile: int | None = None,
                           sliding_window: int | None = None) -> PrefillLayout:
-    """MInference's layout: merged slash ranges per query block in tiles of ``tile`` keys (default 64: the
-    kernel runs 128-row blocks as two 64-row programs, faster on an H200), plus the kept columns those ranges
-    do not already cover."""
+    """MInference's layout: merged slash ranges per query block in tiles of ``tile`` keys (default 64: on an
+    H200 the kernel is faster with them), plus the kept columns those ranges do not already cover."""
     if sel.block not in KERNEL_BLOCKS:
         raise UnsupportedSelection(f"vertical-slash kernel runs query blocks of {KERNEL_BLOCKS}, not {sel.block}")
     device = sel.offsets[0].device if sel.heads else torch.device("cpu")

@@ -209,21 +209,24 @@ def _sparse_prefill_kernel(
         tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)
 
 
-def _config(block_q: int, tile: int, head_dim: int, gathered: bool) -> dict:
+def _config(block_q: int, tile: int, head_dim: int, gathered: bool, n_keys: int) -> dict:
     """Tile widths along keys (``BLOCK_N`` for key ranges, ``BLOCK_C`` for gathered columns) and launch
     settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None: K/V tiles through TMA descriptors on
     Hopper and newer GPUs, plain loads elsewhere. ``COL_SPLIT``: gathered columns every row sees run unmasked
-    (faster with 64-row query blocks, slower with 128). ``M_SPLIT``: programs per query block, each of
+    (faster in every vertical-slash case measured). ``M_SPLIT``: programs per query block, each of
     ``block_q / M_SPLIT`` rows. ``gathered``: a vertical-slash layout (key tiles at any start)."""
     if block_q >= 128 and not gathered:  # 64-key sub-tiles, 4 warps: two programs fit on an SM
         return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
                 "COL_SPLIT": False, "M_SPLIT": 1}
+    if block_q >= 128 and tile <= 64 and n_keys >= 32768:  # one 128-row program: from 32K keys on, faster
+        return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
+                "M_SPLIT": 1}
     if block_q >= 128 and tile <= 64:  # as two 64-row blocks
         return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
                 "M_SPLIT": block_q // 64}
     if block_q >= 128:
         return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
-                "COL_SPLIT": False, "M_SPLIT": 1}
+                "COL_SPLIT": True, "M_SPLIT": 1}
     return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
             "M_SPLIT": 1}
 
@@ -273,7 +276,7 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {head_dim} is not supported (16, 32, 64, 128 or 256)")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1), **(config or {})}
+    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1, n_keys), **(config or {})}
     block_n = min(cfg.pop("BLOCK_N"), layout.tile)
     sub = layout.tile // block_n if layout.index_scale > 1 else 1
     if layout.index_scale == 1:

@@ -6,8 +6,9 @@ the kernels' reference (a power-of-two scale is applied to q instead, which is e
 ``ROW_BLOCK`` ascending rows, small enough that a block's logits stay in cache: each block only computes the
 keys its rows can see (so the cost is proportional to the visible cells, not to rows x keys) into one reused
 scratch array, masks only the keys past its first row, takes the softmax in place and copies it once into the
-output, whose other cells are zero. A :class:`ProbsBuffer` lets a caller reuse one output's memory from call
-to call (and from layer to layer).
+output, whose other cells are zero. The blocks' views are built once per call shape (:class:`RowBlocks`). A
+:class:`ProbsBuffer` lets a caller reuse one output's memory and those views from call to call (and one output's
+memory from layer to layer).
 """
 
 from __future__ import annotations
@@ -50,23 +51,58 @@ class Reused:
         return self.memory[:n].view(shape)
 
 
+class RowBlocks:
+    """The row blocks of one call shape, each with its views: its logits in a scratch array (rows-major:
+    [rows, group heads, keys]), the part of them past the block's first row that needs a mask and that mask,
+    and its cells of the output for each KV group (taking these views costs more than a short block's work).
+
+    ``blocks``: (start, stop, lo, hi, logits, masked logits, mask, outputs) per block of rows start:stop, which
+    see keys lo:hi.
+    """
+
+    def __init__(self, probs: Tensor, at: list[int], rows: Tensor, n_kv: int, row_block: int,
+                 sliding_window: int | None):
+        n_heads, n_rows, n_keys = probs.shape
+        group = n_heads // n_kv
+        # keys before cut are visible to all of a block's rows unless a window cuts them (then cut = lo)
+        spans = []
+        for start in range(0, n_rows, row_block):
+            stop = min(start + row_block, n_rows)
+            lo = first_visible(at[start], sliding_window)
+            spans.append((start, stop, lo, at[stop - 1] + 1, lo if sliding_window else at[start] + 1))
+        # the masks of keys cut:hi of every block at once: visibility depends on key - row alone
+        cuts = torch.tensor([cut for start, stop, *_, cut in spans for _ in range(start, stop)],
+                            dtype=rows.dtype, device=rows.device)
+        hidden = ~visible(rows - cuts, max((hi - cut for *_, hi, cut in spans), default=0), sliding_window)
+        # one block's logits at a time, in one reused array (a fresh one per block costs its allocation)
+        scratch = torch.empty(group * min(row_block, n_rows) * n_keys, device=probs.device)
+        self.blocks = []
+        for start, stop, lo, hi, cut in spans:
+            logits = scratch[: (stop - start) * group * (hi - lo)].view(stop - start, group, hi - lo)
+            outputs = [probs[h * group : (h + 1) * group, start:stop, lo:hi].transpose(0, 1) for h in range(n_kv)]
+            self.blocks.append((start, stop, lo, hi, logits, logits[..., cut - lo :],
+                                hidden[start:stop, None, : hi - cut], outputs))
+
+
 class ProbsBuffer:
     """Output memory :func:`true_attention` reuses from call to call, for a caller done with each result before
     the next call (which overwrites it).
 
     A call over the same rows, sliding window and row blocks as the one before (the next KV group of a layer)
-    writes exactly the cells that one wrote, so the zeros around them stay valid as they are; any other call
-    zeroes the memory first (one sequential pass over pages already mapped, instead of a fresh array).
+    writes exactly the cells that one wrote, so the zeros around them stay valid as they are, and its
+    :class:`RowBlocks` serve again; any other call zeroes the memory first (one sequential pass over pages
+    already mapped, instead of a fresh array).
     """
 
     def __init__(self):
         self.memory = Reused()
         self.probs: Tensor | None = None
+        self.blocks: RowBlocks | None = None
         self.key: tuple | None = None
 
     def take(self, key: tuple, shape: tuple[int, int, int], device: torch.device) -> Tensor:
         if key != self.key:
-            self.probs, self.key = self.memory.take(shape, device).zero_(), key
+            self.probs, self.blocks, self.key = self.memory.take(shape, device).zero_(), None, key
         return self.probs
 
 
@@ -83,35 +119,25 @@ def true_attention(q: Tensor, k: Tensor, rows: Tensor, scale: float, softcap: fl
     shape = (n_heads, n_rows, n_keys)
     at = rows.tolist()
     if out is not None:
-        probs = out.take((shape, str(q.device), tuple(at), sliding_window, row_block), shape, q.device)
+        probs = out.take((shape, n_kv, str(q.device), tuple(at), sliding_window, row_block), shape, q.device)
+        if out.blocks is None:
+            out.blocks = RowBlocks(probs, at, rows, n_kv, row_block, sliding_window)
+        blocks = out.blocks
     else:
         probs = _zeros(*shape, device=q.device)
+        blocks = RowBlocks(probs, at, rows, n_kv, row_block, sliding_window)
     q, k_t = q.float(), k.float().transpose(-1, -2)
     if math.frexp(scale)[0] == 0.5:  # a power of two scales q exactly: one pass over q instead of over the logits
         q, scale = q * scale, 1.0
-    # each block: its rows start:stop see keys lo:hi; keys before cut are visible to all of them unless a window
-    # cuts them (then cut = lo), so only keys cut:hi need a mask
-    blocks = []
-    for start in range(0, n_rows, row_block):
-        stop = min(start + row_block, n_rows)
-        lo = first_visible(at[start], sliding_window)
-        blocks.append((start, stop, lo, at[stop - 1] + 1, lo if sliding_window else at[start] + 1))
-    # the masks of keys cut:hi of every block at once: visibility depends on key - row alone
-    cuts = torch.tensor([cut for start, stop, *_, cut in blocks for _ in range(start, stop)],
-                        dtype=rows.dtype, device=rows.device)
-    hidden = ~visible(rows - cuts, max((hi - cut for *_, hi, cut in blocks), default=0), sliding_window)
-    # one block's logits at a time, in one reused array (a fresh one per block costs its allocation)
-    scratch = torch.empty(group * min(row_block, n_rows) * n_keys, device=q.device)
+    # rows-major queries: a block's rows of one KV group's heads are one contiguous [rows * group, d] slice
+    q_rows = q.reshape(n_kv, group, n_rows, d).transpose(1, 2).contiguous()
     for h in range(n_kv):
-        heads = slice(h * group, (h + 1) * group)
-        for start, stop, lo, hi, cut in blocks:
-            n = group * (stop - start)
-            logits = scratch[: n * (hi - lo)].view(n, hi - lo)
+        for start, stop, lo, hi, logits, masked, mask, outputs in blocks.blocks:
             # one matrix product for the group's heads: their rows against the shared keys
-            torch.mm(q[heads, start:stop].reshape(n, d), k_t[h, :, lo:hi], out=logits)
-            logits = scale_logits_(logits, scale, softcap).view(group, stop - start, hi - lo)
-            logits[..., cut - lo :].masked_fill_(hidden[start:stop, : hi - cut], float("-inf"))
-            probs[heads, start:stop, lo:hi] = torch.softmax(logits, dim=-1, out=logits)
+            torch.mm(q_rows[h, start:stop].view(-1, d), k_t[h, :, lo:hi], out=logits.view(-1, hi - lo))
+            scale_logits_(logits, scale, softcap)
+            masked.masked_fill_(mask, float("-inf"))
+            outputs[h].copy_(torch.softmax(logits, dim=-1, out=logits))
     return probs
 
 
