@@ -218,17 +218,19 @@ def _config(block_q: int, tile: int, head_dim: int, gathered: bool, n_keys: int)
     if block_q >= 128 and not gathered:  # 64-key sub-tiles, 4 warps: two programs fit on an SM
         return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
                 "COL_SPLIT": False, "M_SPLIT": 1}
-    if block_q >= 128 and tile <= 64 and n_keys >= 32768:  # one 128-row program: from 32K keys on, faster
+    if block_q >= 128 and tile <= 64 and n_keys >= 65536:  # one 128-row program: from 64K keys on, faster
         return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
                 "M_SPLIT": 1}
+    # 64-row vertical-slash programs: unpipelined loads and at most 168 registers let three run on an SM, not two
+    small = {"num_stages": 1, "maxnreg": 168} if gathered else {"num_stages": 2}
     if block_q >= 128 and tile <= 64:  # as two 64-row blocks
-        return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
-                "M_SPLIT": block_q // 64}
+        return {"BLOCK_N": tile, "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
+                "M_SPLIT": block_q // 64, **small}
     if block_q >= 128:
         return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
                 "COL_SPLIT": True, "M_SPLIT": 1}
-    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
-            "M_SPLIT": 1}
+    return {"BLOCK_N": min(tile, 64), "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True, "M_SPLIT": 1,
+            **small}
 
 
 def _has_tma(device: torch.device) -> bool:

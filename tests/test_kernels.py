@@ -19,7 +19,7 @@ from sparse_frontier.kernels.layout import (  # noqa: E402
     page_layout,
     vertical_slash_layout,
 )
-from sparse_frontier.kernels.prefill import schedule, sparse_prefill  # noqa: E402
+from sparse_frontier.kernels.prefill import _config, schedule, sparse_prefill  # noqa: E402
 from sparse_frontier.kernels.reference import masked_attention, visible  # noqa: E402
 from sparse_frontier.policies.selection import (  # noqa: E402
     BlockMask,
@@ -255,8 +255,8 @@ def test_vertical_slash_many_columns_seen_by_whole_blocks(block):
     assert int(layout.col_seen.max()) >= 128
     check(sel, q, k, v, torch.arange(n))
     run = run_selection(sel, q, k, v, torch.arange(n), 0.3, backend="triton")
-    # 128-column tiles; all columns masked; one program per query block (the long-prompt launch of 128-row blocks)
-    for config in ({"COL_SPLIT": True, "BLOCK_C": 128}, {"COL_SPLIT": False}, {"M_SPLIT": 1}):
+    # 128-column tiles; all columns masked; the launch from 64K keys (128-row blocks: one program per block)
+    for config in ({"COL_SPLIT": True, "BLOCK_C": 128}, {"COL_SPLIT": False}, _config(block, 64, 64, True, 65536)):
         other = sparse_prefill(q, k, v, layout.to(DEVICE), 0.3, config=config)[0]
         assert (other.float() - run.out.float()).abs().max().item() <= TOL[q.dtype] * v.abs().max().item()
 
