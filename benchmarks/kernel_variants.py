@@ -6,8 +6,9 @@ Each variant is first checked against the torch reference (2K tokens, fresh rand
 beside the default at the shapes of benchmarks/kernels.py; the default is timed twice to show the noise.
 Vertical-slash also times parts of its layout (ranges only, columns only, neither) to show where time goes;
 decode compares launch settings; ``fixed`` splits a decode call's fixed cost (an empty kernel on the same grid,
-the merge kernel alone, 1 / 2 / 4 tiles per program). The registers, spills and shared memory of every compiled
-kernel are printed last. ``--smoke`` runs it on tiny shapes under TRITON_INTERPRET=1.
+the merge kernel alone, 1 / 2 / 4 tiles per program); ``l2`` (not run by default) reads K/V-sized tiles from
+L2-resident and HBM-sized buffers, the ceiling of a tile-streaming kernel. The registers, spills and shared memory
+of every compiled kernel are printed last. ``--smoke`` runs it on tiny shapes under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from functools import partial
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels as kb  # noqa: E402  (benchmarks/kernels.py: shapes, masks, timers)
@@ -140,6 +142,43 @@ def one_masked_loop(layout: PrefillLayout) -> PrefillLayout:
     return PrefillLayout(**fields)
 
 
+def kv_bytes(layout: PrefillLayout, head_dim: int) -> float:
+    """Bytes of K and V (bf16) that the programs of a 64-row vertical-slash layout load: whole key tiles of the
+    ranges plus the gathered columns."""
+    keys = (layout.full_count + layout.part_count) * layout.tile + layout.col_count
+    return float(keys.sum()) * head_dim * 2 * 2
+
+
+@triton.jit
+def _read_tiles_kernel(X, OUT, n_tiles, TILES: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """Sums TILES tiles of ROWS x D read from X at scattered tile indices: a probe of the read bandwidth."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, D)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for i in range(TILES):
+        t = (pid * 7919 + i * 104729) % n_tiles
+        acc += tl.load(X + (t * ROWS + rows)[:, None].to(tl.int64) * D + cols[None, :]).to(tl.float32)
+    tl.store(OUT + pid * D + cols, tl.sum(acc, 0))
+
+
+def l2_section(results):
+    """Read bandwidth of 64 x 128 bf16 tiles (a vertical-slash program's K or V tile) from a buffer the size of
+    one KV head's K and V at 16K and 64K tokens (L2-resident) and from 4 GB (HBM): the ceiling of a kernel that
+    streams tiles from L2."""
+    rows, tiles = 64, 64
+    programs = 24 * torch.cuda.get_device_properties(0).multi_processor_count if kb.DEVICE == "cuda" else 4
+    for mbytes in (8, 32, 4096) if kb.DEVICE == "cuda" else (1, 2):
+        x = torch.randn(mbytes * 2 ** 20 // 2 // kb.D, kb.D, device=kb.DEVICE, dtype=kb.DTYPE)
+        out = torch.empty(programs, kb.D, device=kb.DEVICE)
+        n_tiles = x.shape[0] // rows
+        t = kb.bench(partial(_read_tiles_kernel[(programs,)], x, out, n_tiles, TILES=tiles, ROWS=rows, D=kb.D))
+        row = {"kernel": "tile_read", "buffer_mb": mbytes, "ms": t * 1e3,
+               "tb_per_s": programs * tiles * rows * kb.D * 2 / t / 1e12}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def vs_section(results):
     gen = torch.Generator(device=kb.DEVICE).manual_seed(1)
     cases = []
@@ -165,6 +204,7 @@ def vs_section(results):
                           ("nothing", without(layout, ranges=False, cols=False)),
                           ("one_masked_loop", one_masked_loop(layout))):
             row[part + "_ms"] = kb.bench(partial(sparse_prefill, q, k, v, lay, kb.SCALE)) * 1e3
+        row["kv_tb_per_s"] = kv_bytes(layout, kb.D) / (row["all_ms"] * 1e-3) / 1e12
         row["n_full_tiles"] = float(layout.full_count.float().mean())
         row["n_part_tiles"] = float(layout.part_count.float().mean())
         row["n_cols"] = float(layout.col_count.float().mean())
@@ -300,6 +340,8 @@ def main():
         decode_section(results)
     if "fixed" in args.sections:
         fixed_cost_section(results)
+    if "l2" in args.sections:
+        l2_section(results)
     if kb.DEVICE == "cuda":
         resources(results)
     with open(args.out, "w") as f:

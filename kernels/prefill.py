@@ -212,14 +212,15 @@ def _sparse_prefill_kernel(
 def _config(block_q: int, tile: int, head_dim: int, gathered: bool, n_keys: int) -> dict:
     """Tile widths along keys (``BLOCK_N`` for key ranges, ``BLOCK_C`` for gathered columns) and launch
     settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None: K/V tiles through TMA descriptors on
-    Hopper and newer GPUs, plain loads elsewhere. ``COL_SPLIT``: gathered columns every row sees run unmasked
+    Hopper and newer GPUs, plain loads elsewhere; False: plain loads (faster for the pipelined 128-row
+    vertical-slash programs). ``COL_SPLIT``: gathered columns every row sees run unmasked
     (faster in every vertical-slash case measured). ``M_SPLIT``: programs per query block, each of
     ``block_q / M_SPLIT`` rows. ``gathered``: a vertical-slash layout (key tiles at any start)."""
     if block_q >= 128 and not gathered:  # 64-key sub-tiles, 4 warps: two programs fit on an SM
         return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
                 "COL_SPLIT": False, "M_SPLIT": 1}
     if block_q >= 128 and tile <= 64 and n_keys >= 65536:  # one 128-row program: from 64K keys on, faster
-        return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
+        return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": False, "BLOCK_C": 64, "COL_SPLIT": True,
                 "M_SPLIT": 1}
     # 64-row vertical-slash programs: unpipelined loads and at most 168 registers let three run on an SM, not two
     small = {"num_stages": 1, "maxnreg": 168} if gathered else {"num_stages": 2}
@@ -227,7 +228,7 @@ def _config(block_q: int, tile: int, head_dim: int, gathered: bool, n_keys: int)
         return {"BLOCK_N": tile, "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
                 "M_SPLIT": block_q // 64, **small}
     if block_q >= 128:
-        return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
+        return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": False, "BLOCK_C": 64,
                 "COL_SPLIT": True, "M_SPLIT": 1}
     return {"BLOCK_N": min(tile, 64), "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True, "M_SPLIT": 1,
             **small}
