@@ -209,27 +209,24 @@ def _sparse_prefill_kernel(
         tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)
 
 
-def _config(block_q: int, tile: int, head_dim: int, gathered: bool, n_keys: int) -> dict:
+def _config(block_q: int, tile: int, head_dim: int, gathered: bool) -> dict:
     """Tile widths along keys (``BLOCK_N`` for key ranges, ``BLOCK_C`` for gathered columns) and launch
     settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None: K/V tiles through TMA descriptors on
     Hopper and newer GPUs, plain loads elsewhere; False: plain loads (faster for the pipelined 128-row
-    vertical-slash programs). ``COL_SPLIT``: gathered columns every row sees run unmasked
-    (faster in every vertical-slash case measured). ``M_SPLIT``: programs per query block, each of
-    ``block_q / M_SPLIT`` rows. ``gathered``: a vertical-slash layout (key tiles at any start)."""
+    vertical-slash programs). ``COL_SPLIT``: gathered columns every row sees run unmasked (faster in every
+    vertical-slash case measured). ``M_SPLIT``: programs per query block, each of ``block_q / M_SPLIT`` rows.
+    ``gathered``: a vertical-slash layout (key tiles at any start)."""
     if block_q >= 128 and not gathered:  # 64-key sub-tiles, 4 warps: two programs fit on an SM
         return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
                 "COL_SPLIT": False, "M_SPLIT": 1}
-    if block_q >= 128 and tile <= 64 and n_keys >= 65536:  # one 128-row program: from 64K keys on, faster
-        return {"BLOCK_N": tile, "num_warps": 4, "num_stages": 2, "TMA": False, "BLOCK_C": 64, "COL_SPLIT": True,
-                "M_SPLIT": 1}
-    # 64-row vertical-slash programs: unpipelined loads and at most 168 registers let three run on an SM, not two
-    small = {"num_stages": 1, "maxnreg": 168} if gathered else {"num_stages": 2}
-    if block_q >= 128 and tile <= 64:  # as two 64-row blocks
-        return {"BLOCK_N": tile, "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True,
-                "M_SPLIT": block_q // 64, **small}
+    if block_q >= 128 and tile <= 64:  # two warp groups of 64 rows, at most 128 registers: two programs an SM
+        return {"BLOCK_N": tile, "num_warps": 8, "num_stages": 2, "maxnreg": 128, "TMA": False, "BLOCK_C": 64,
+                "COL_SPLIT": True, "M_SPLIT": 1}
     if block_q >= 128:
         return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": False, "BLOCK_C": 64,
                 "COL_SPLIT": True, "M_SPLIT": 1}
+    # 64-row vertical-slash programs: unpipelined loads and at most 168 registers let three run on an SM, not two
+    small = {"num_stages": 1, "maxnreg": 168} if gathered else {"num_stages": 2}
     return {"BLOCK_N": min(tile, 64), "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True, "M_SPLIT": 1,
             **small}
 
@@ -279,7 +276,7 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {head_dim} is not supported (16, 32, 64, 128 or 256)")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1, n_keys), **(config or {})}
+    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1), **(config or {})}
     block_n = min(cfg.pop("BLOCK_N"), layout.tile)
     sub = layout.tile // block_n if layout.index_scale > 1 else 1
     if layout.index_scale == 1:
