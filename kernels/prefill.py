@@ -209,24 +209,25 @@ def _sparse_prefill_kernel(
         tl.store(CNT + h * n_rows + offs_m, cnt, mask=row_ok)
 
 
-def _config(block_q: int, tile: int, head_dim: int, gathered: bool) -> dict:
+def _config(block_q: int, tile: int, head_dim: int, gathered: bool, hopper: bool = True) -> dict:
     """Tile widths along keys (``BLOCK_N`` for key ranges, ``BLOCK_C`` for gathered columns) and launch
     settings, tuned on an H200 (benchmarks/RESULTS.md). ``TMA`` None: K/V tiles through TMA descriptors on
     Hopper and newer GPUs, plain loads elsewhere; False: plain loads (faster for the pipelined 128-row
     vertical-slash programs). ``COL_SPLIT``: gathered columns every row sees run unmasked (faster in every
     vertical-slash case measured). ``M_SPLIT``: programs per query block, each of ``block_q / M_SPLIT`` rows.
-    ``gathered``: a vertical-slash layout (key tiles at any start)."""
+    ``gathered``: a vertical-slash layout (key tiles at any start). ``hopper``: cap registers a thread
+    (``maxnreg``) as tuned on the H200; other GPUs compile with the compiler's own choice."""
     if block_q >= 128 and not gathered:  # 64-key sub-tiles, 4 warps: two programs fit on an SM
         return {"BLOCK_N": min(tile, 64), "num_warps": 4, "num_stages": 2, "TMA": None, "BLOCK_C": 64,
                 "COL_SPLIT": False, "M_SPLIT": 1}
     if block_q >= 128 and tile <= 64:  # two warp groups of 64 rows, at most 128 registers: two programs an SM
-        return {"BLOCK_N": tile, "num_warps": 8, "num_stages": 2, "maxnreg": 128, "TMA": False, "BLOCK_C": 64,
-                "COL_SPLIT": True, "M_SPLIT": 1}
+        return {"BLOCK_N": tile, "num_warps": 8, "num_stages": 2, "TMA": False, "BLOCK_C": 64, "COL_SPLIT": True,
+                "M_SPLIT": 1, **({"maxnreg": 128} if hopper else {})}
     if block_q >= 128:
         return {"BLOCK_N": min(tile, 128), "num_warps": 8, "num_stages": 2, "TMA": False, "BLOCK_C": 64,
                 "COL_SPLIT": True, "M_SPLIT": 1}
     # 64-row vertical-slash programs: unpipelined loads and at most 168 registers let three run on an SM, not two
-    small = {"num_stages": 1, "maxnreg": 168} if gathered else {"num_stages": 2}
+    small = {"num_stages": 1, **({"maxnreg": 168} if hopper else {})} if gathered else {"num_stages": 2}
     return {"BLOCK_N": min(tile, 64), "num_warps": 4, "TMA": None, "BLOCK_C": 64, "COL_SPLIT": True, "M_SPLIT": 1,
             **small}
 
@@ -234,6 +235,11 @@ def _config(block_q: int, tile: int, head_dim: int, gathered: bool) -> dict:
 def _has_tma(device: torch.device) -> bool:
     """TMA descriptors exist on compute capability 9.0 and newer (not in the CPU interpreter by default)."""
     return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _is_hopper(device: torch.device) -> bool:
+    """Compute capability 9.x (H100, H200), where the launch settings were tuned."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _rows_descriptor(x: Tensor, rows_per_head: int, block_n: int):
@@ -276,7 +282,8 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, layout: PrefillLayout, scale
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {head_dim} is not supported (16, 32, 64, 128 or 256)")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1), **(config or {})}
+    cfg = {**_config(layout.block_q, layout.tile, head_dim, layout.index_scale == 1, _is_hopper(q.device)),
+           **(config or {})}
     block_n = min(cfg.pop("BLOCK_N"), layout.tile)
     sub = layout.tile // block_n if layout.index_scale > 1 else 1
     if layout.index_scale == 1:
