@@ -299,7 +299,8 @@ def resources(results):
                     ptx = kernel.asm.get("ptx", "")
                     row = {"kernel": fn.__name__, "regs": kernel.n_regs, "spills": kernel.n_spills,
                            "shared": meta.shared, "warps": meta.num_warps, "stages": meta.num_stages,
-                           "wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx, "constants": consts}
+                           "wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx,
+                           "tma": "cp.async.bulk.tensor" in ptx, "constants": consts}
                 except Exception as err:
                     row = {"kernel": fn.__name__, "error": repr(err)}
                 results.append(row)
