@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from sparse_frontier.kernels.decode import sparse_decode
 from sparse_frontier.kernels.layout import (
@@ -185,6 +186,29 @@ def slash_selection(n: int, n_slash: int, n_vertical: int, gen: torch.Generator,
     return VerticalSlash(columns, offsets, block=block)
 
 
+def vs_counts_at(n: int, block: int, density: float, rows: Tensor) -> tuple[int, int, VerticalSlash]:
+    """Slash and vertical counts whose selection (every head, seed 3: the one timed) keeps ``density`` of the
+    causal cells: the slash count by bisection on the budget knob (slashes and verticals about half the cells
+    each), then the vertical count at that slash count, since one slash moves the density by about 2 block / n."""
+    causal = HQ * n * (n + 1) / 2
+
+    def select(n_slash: int, n_vertical: int) -> tuple[float, VerticalSlash]:
+        sel = slash_selection(n, n_slash, n_vertical, torch.Generator(device=DEVICE).manual_seed(3), block=block)
+        return float(layout_cells(vertical_slash_layout(sel, n), rows).sum()) / causal, sel
+
+    lo, hi = 0.0, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if select(*vs_counts(n, mid, block))[0] < density else (lo, mid)
+    n_slash = vs_counts(n, lo, block)[0]
+    v_lo, v_hi = 0, n - 4  # density(v_lo) < density <= density(v_hi), unless even every column is too few
+    while v_hi - v_lo > 1:
+        mid = (v_lo + v_hi) // 2
+        v_lo, v_hi = (mid, v_hi) if select(n_slash, mid)[0] < density else (v_lo, mid)
+    (d_lo, sel_lo), (d_hi, sel_hi) = select(n_slash, v_lo), select(n_slash, v_hi)
+    return (n_slash, v_lo, sel_lo) if density - d_lo <= d_hi - density else (n_slash, v_hi, sel_hi)
+
+
 def vertical_slash_section(lengths, sparsities, blocks, config, results, log):
     """Vertical-slash prefill vs SDPA causal; counts searched to hit each target sparsity."""
     gen = torch.Generator(device=DEVICE).manual_seed(1)
@@ -198,17 +222,7 @@ def vertical_slash_section(lengths, sparsities, blocks, config, results, log):
         for block, sparsity in ((b, s) for b in blocks for s in sparsities):
             row = {"n": n, "block": block, "target_sparsity": sparsity, "sdpa_ms": t_sdpa * 1e3}
             try:
-                # counts found by bisection on one head: slashes s, verticals 32 s (about half the cells each)
-                lo, hi = 0.0, 1.0
-                for _ in range(12):
-                    mid = (lo + hi) / 2
-                    sel = slash_selection(n, *vs_counts(n, mid, block), torch.Generator(device=DEVICE).manual_seed(2),
-                                          1, block)
-                    density = float(layout_cells(vertical_slash_layout(sel, n), rows).sum()) / causal_cells
-                    lo, hi = (mid, hi) if density < 1 - sparsity else (lo, mid)
-                n_slash, n_vertical = vs_counts(n, lo, block)
-                sel = slash_selection(n, n_slash, n_vertical, torch.Generator(device=DEVICE).manual_seed(3),
-                                      block=block)
+                n_slash, n_vertical, sel = vs_counts_at(n, block, 1 - sparsity, rows)
                 start = time.perf_counter()
                 layout = vertical_slash_layout(sel, n)
                 if DEVICE == "cuda":
