@@ -60,10 +60,9 @@ def _decode_split_kernel(
     cnt = tl.zeros([QP], tl.int32)
     unit = _unit(sm_scale, SOFTCAP)
     t_end = p1
-    page_ptr = PAGES + b * stride_pb + mh * stride_ph
-    page_next = offs_n
     if not DENSE:  # a trip count known before the page count is: the first page indices load beside it
         t_end = p0 + tiles_per_split * PAGES_PER_TILE
+        page_ptr = PAGES + b * stride_pb + mh * stride_ph
         page_next = tl.load(page_ptr + p0 + offs_n // PAGE, mask=p0 + offs_n // PAGE < n_slots, other=0)
     for t in range(p0, t_end, PAGES_PER_TILE):
         slot = t + offs_n // PAGE
