@@ -25,6 +25,7 @@ from sparse_frontier.kernels.layout import (
     DecodeLayout,
     block_sparse_layout,
     layout_cells,
+    tile_cells,
     vertical_slash_layout,
 )
 from sparse_frontier.kernels.prefill import sparse_prefill
@@ -232,7 +233,8 @@ def vertical_slash_section(lengths, sparsities, blocks, config, results, log):
                 t_ours = bench(partial(sparse_prefill, q, k, v, layout, SCALE, config=config))
                 ideal = HQ * causal_cells / cells
                 row.update(slashes=64 + n_slash, verticals=4 + n_vertical, sparsity=1 - cells / (HQ * causal_cells),
-                           ours_ms=t_ours * 1e3, speedup=t_sdpa / t_ours, ideal=ideal,
+                           tiles_over_kept=tile_cells(layout) / cells, ours_ms=t_ours * 1e3, speedup=t_sdpa / t_ours,
+                           ideal=ideal,
                            of_ideal=t_sdpa / t_ours / ideal, layout_build_ms=build * 1e3)
             except Exception:
                 row["error"] = traceback.format_exc(limit=3)
@@ -256,7 +258,7 @@ def decode_layouts(batch: int, n: int, page: int, fraction: float, n_sets: int, 
     return out
 
 
-def decode_section(lengths, fractions, batches, page, config, results, log):
+def decode_section(lengths, fractions, batches, pages, config, results, log):
     """Sparse decode vs dense SDPA decode, and bandwidth on the bytes the kernel reads."""
     gen = torch.Generator(device=DEVICE).manual_seed(4)
     for n in lengths:
@@ -268,7 +270,7 @@ def decode_section(lengths, fractions, batches, page, config, results, log):
 
             dense = partial(F.scaled_dot_product_attention, q[:, :, None], k, v, scale=SCALE, enable_gqa=True)
             t_dense = bench_graph([dense])
-            for fraction in fractions:
+            for page, fraction in ((p, f) for p in pages for f in fractions):
                 row = {"n": n, "batch": batch, "page": page, "fraction": fraction, "dense_ms": t_dense * 1e3,
                        "dense_tbs": dense_bytes / t_dense / 1e12}
                 try:
@@ -380,23 +382,25 @@ def markdown(results: dict) -> str:
                      f"{r.get('vs_flex', float('nan')):.2f}x | {r['tflops']:.0f} |")
     lines += ["", "Vertical-slash prefill (64-key tiles; a 128-row block runs as one program of 8 warps; SDPA = the "
               "faster backend):", "",
-              "| tokens | query block | sparsity | slashes | verticals | SDPA ms | ours ms | speedup | ideal "
-              "| of ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| tokens | query block | sparsity | slashes | verticals | tile cells / kept | SDPA ms | ours ms "
+              "| speedup | ideal | of ideal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["vertical_slash"]:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r.get('block')} | {r['target_sparsity']} | error | | | | | | |")
+            lines.append(f"| {r['n']} | {r.get('block')} | {r['target_sparsity']} | error | | | | | | | |")
             continue
         lines.append(f"| {r['n']} | {r.get('block')} | {r['sparsity']:.3f} | {r['slashes']} | {r['verticals']} | "
+                     f"{r.get('tiles_over_kept', float('nan')):.2f} | "
                      f"{r['sdpa_ms']:.2f} | {r['ours_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | "
                      f"{r['of_ideal']:.0%} |")
-    lines += ["", "Sparse decode (page 16, pages shared by the GQA group; CUDA-graph replays):", "",
-              "| tokens | batch | pages kept | dense SDPA us | dense TB/s | ours us | speedup | MB read | "
-              "ours TB/s | of 4.8 TB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Sparse decode (pages shared by the GQA group; CUDA-graph replays):", "",
+              "| tokens | batch | page | pages kept | dense SDPA us | dense TB/s | ours us | speedup | MB read | "
+              "ours TB/s | of 4.8 TB/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["decode"]:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['batch']} | {r['fraction']} | error | | | | | | |")
+            lines.append(f"| {r['n']} | {r['batch']} | {r['page']} | {r['fraction']} | error | | | | | | |")
             continue
-        lines.append(f"| {r['n']} | {r['batch']} | 1/{round(1 / r['fraction'])} | {r['dense_ms'] * 1e3:.0f} | "
+        lines.append(f"| {r['n']} | {r['batch']} | {r['page']} | 1/{round(1 / r['fraction'])} | "
+                     f"{r['dense_ms'] * 1e3:.0f} | "
                      f"{r['dense_tbs']:.2f} | {r['ours_us']:.1f} | {r['speedup']:.1f}x | {r['read_mb']:.0f} | "
                      f"{r['tbs']:.2f} | {r['of_peak']:.0%} |")
     return "\n".join(lines) + "\n"
@@ -412,6 +416,7 @@ def main() -> None:
     parser.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--decode-fractions", type=float, nargs="+", default=[1 / 8, 1 / 16])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--pages", type=int, nargs="+", default=[16], help="decode page sizes (Quest's is 16)")
     parser.add_argument("--sections", nargs="+", default=["tune", "block", "vs", "decode"])
     parser.add_argument("--mask-heads", choices=["query", "kv"], default="query",
                         help="block-sparse masks per query head, or per KV head shared by its GQA group")
@@ -455,7 +460,8 @@ def main() -> None:
     if "vs" in args.sections:
         vertical_slash_section(args.lengths, args.sparsities, args.vs_blocks, vs_config, results, log)
     if "decode" in args.sections:
-        decode_section(args.decode_lengths, args.decode_fractions, args.batches, 16, decode_config, results, log)
+        decode_section(args.decode_lengths, args.decode_fractions, args.batches, args.pages, decode_config, results,
+                       log)
     log("done")
     text = markdown(results)
     with open(args.markdown, "w") as f:

@@ -229,6 +229,19 @@ def layout_cells(layout: PrefillLayout, rows: Tensor, sliding_window: int | None
     return total
 
 
+def tile_cells(layout: PrefillLayout, block_c: int = 64) -> int:
+    """Cells the prefill kernel computes in whole tiles (query block x key tile, masked cells included): the key
+    tiles of every (mask head, query block), then, for vertical-slash, the gathered columns every row sees in
+    whole ``block_c`` tiles and the rest in tiles of their own. Over ``layout_cells`` it is the work a layout
+    wastes on masked cells (the diagonal's upper half, ragged ends)."""
+    tiles = (layout.full_count.long() + layout.part_count.long()) * layout.tile
+    if layout.col_count is not None:
+        seen = layout.col_seen.long() // block_c if layout.col_seen is not None else 0
+        rest = (layout.col_count.long() - seen * block_c + block_c - 1) // block_c
+        tiles = tiles + (seen + rest) * block_c
+    return int(tiles.sum()) * layout.block_q
+
+
 def _layout_cells(layout: PrefillLayout, rows: Tensor, sliding_window: int | None) -> Tensor:
     """``layout_cells`` for one chunk of rows."""
     qb = rows // layout.block_q

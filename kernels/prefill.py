@@ -132,8 +132,14 @@ def _sparse_prefill_kernel(
     cnt = tl.zeros([BLOCK_M], tl.int32)
     unit = _unit(sm_scale, SOFTCAP)
 
-    # full tiles: every key visible to every row of the block
+    # every loop's tile count at once, so no loop waits for its count behind the loop before it
     n_full = tl.load(FULL_N + row)
+    n_part = tl.load(PART_N + row)
+    if HAS_COLS:
+        n_col = tl.load(COL_N + row)
+        n_col_seen = tl.load(COL_S + row)
+
+    # full tiles: every key visible to every row of the block
     for j in range(0, n_full * SUB):
         start = tl.load(FULL_I + row * max_full + j // SUB) * INDEX_SCALE + (j % SUB) * BLOCK_N
         key = start + offs_n
@@ -152,7 +158,6 @@ def _sparse_prefill_kernel(
             cnt += BLOCK_N
 
     # partial tiles: causal diagonal, sequence end, sliding window
-    n_part = tl.load(PART_N + row)
     n_sub = n_part * SUB
     if M_SPLIT > 1:  # skip the last tile's key sub-tiles that start after this program's last row
         last_row = qblock0 * BLOCK_M * M_SPLIT + mb * BLOCK_M + BLOCK_M - 1
@@ -180,10 +185,9 @@ def _sparse_prefill_kernel(
     # whole tiles of those every row sees (no mask), then the rest
     if HAS_COLS:
         offs_c = tl.arange(0, BLOCK_C)
-        n_col = tl.load(COL_N + row)
         n_seen = 0
         if COL_SPLIT:
-            n_seen = tl.load(COL_S + row) // BLOCK_C * BLOCK_C
+            n_seen = n_col_seen // BLOCK_C * BLOCK_C
             for j in range(0, n_seen, BLOCK_C):
                 key = tl.load(COL_I + row * max_col + j + offs_c)
                 k = tl.load(k_base + key[:, None] * stride_kn)

@@ -17,6 +17,7 @@ from sparse_frontier.kernels.layout import (  # noqa: E402
     coarsen,
     layout_cells,
     page_layout,
+    tile_cells,
     vertical_slash_layout,
 )
 from sparse_frontier.kernels.prefill import _config, schedule, sparse_prefill  # noqa: E402
@@ -120,6 +121,20 @@ def test_vertical_slash_layout_covers_exactly_the_mask_by_hand():
     assert layout.col_index[0, 2, : layout.col_count[0, 2]].tolist() == [0, 5]
     rows = torch.arange(n)
     assert layout_cells(layout, rows).item() == sel.cells(rows, n).item()
+
+
+def test_tile_cells_counts_the_masked_cells_of_whole_tiles_by_hand():
+    # the 64-slash local band and 4 sinks, 64-row blocks, 256 keys: block 0 computes its diagonal tile; blocks
+    # 1-3 a whole tile below the diagonal, the diagonal tile and one column tile (sink 0 for block 1, whose
+    # band covers sinks 1-3; all four sinks for blocks 2 and 3): 10 tiles of 64 x 64
+    sel = VerticalSlash(columns=[torch.arange(4)], offsets=[torch.arange(64)], block=64)
+    layout = vertical_slash_layout(sel, 256)
+    assert tile_cells(layout) == 10 * 64 * 64
+    # kept: the diagonal triangle, then in each later block rows seeing 64..127 keys of the band, and the sinks
+    kept = 64 * 65 // 2 + sum(range(64, 128)) + 64 + 2 * (sum(range(64, 128)) + 4 * 64)
+    assert layout_cells(layout, torch.arange(256)).item() == kept == sel.cells(torch.arange(256), 256).item()
+    blocks = BlockMask(torch.ones(1, 2, 2, dtype=torch.bool), block_q=64, block_k=64)
+    assert tile_cells(block_sparse_layout(blocks, 128)) == 3 * 64 * 64  # two diagonal tiles and one full
 
 
 # ---------------------------------------------------------------- block-sparse prefill
