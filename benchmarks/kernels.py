@@ -234,8 +234,7 @@ def vertical_slash_section(lengths, sparsities, blocks, config, results, log):
                 ideal = HQ * causal_cells / cells
                 row.update(slashes=64 + n_slash, verticals=4 + n_vertical, sparsity=1 - cells / (HQ * causal_cells),
                            tiles_over_kept=tile_cells(layout) / cells, ours_ms=t_ours * 1e3, speedup=t_sdpa / t_ours,
-                           ideal=ideal,
-                           of_ideal=t_sdpa / t_ours / ideal, layout_build_ms=build * 1e3)
+                           ideal=ideal, of_ideal=t_sdpa / t_ours / ideal, layout_build_ms=build * 1e3)
             except Exception:
                 row["error"] = traceback.format_exc(limit=3)
             results["vertical_slash"].append(row)
